@@ -1,0 +1,1 @@
+"""Clients of dprouter, one folder per language."""

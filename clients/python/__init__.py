@@ -1,0 +1,1 @@
+"""The Python client: the SDK package `dprouter` and runnable examples."""

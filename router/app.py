@@ -1,0 +1,116 @@
+"""Assembles the router: the gRPC server, its services, the ranks, and shutdown.
+
+Order of life: serve Health (NOT_SERVING) at once; build the engine client
+in a thread while the ranks join; flip Health to SERVING; on SIGTERM or
+SIGINT, flip Health to NOT_SERVING, refuse new requests with UNAVAILABLE, let
+in-flight streams finish within the grace period, then stop the server and
+shut the engine client down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from router import tracing
+from router.config import RouterConfig
+from router.dispatcher import Dispatcher
+from router.health import RouterHealth
+from router.policies import RoundRobin
+from router.ranks import CoupledRanks, RankState
+from router.service import GenerateServicer, RanksServicer
+from router.vllm_compat import EngineClient
+from router.wire import MalformedRequestInterceptor
+
+log = logging.getLogger("dprouter")
+T = TypeVar("T")
+
+
+def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Runs a blocking call off the event loop in a thread that never keeps the
+    process alive (a rank that never joins must not block shutdown)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:
+            loop.call_soon_threadsafe(future.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(future.set_result, result)
+
+    threading.Thread(target=run, name="join-ranks", daemon=True).start()
+    return future
+
+
+def build_server(dispatcher: Dispatcher, health: RouterHealth) -> grpc.aio.Server:
+    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
+    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(dispatcher), server)
+    ranks_pb2_grpc.add_RanksServiceServicer_to_server(RanksServicer(dispatcher), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name,
+            ranks_pb2.DESCRIPTOR.services_by_name["RanksService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return server
+
+
+async def serve(config: RouterConfig) -> int:
+    """Runs the router until a signal; the process exit code."""
+    if tracing.setup():
+        log.info("tracing to OTLP")
+    dispatcher = Dispatcher(RoundRobin())
+    health = RouterHealth()
+    server = build_server(dispatcher, health)
+    server.add_insecure_port(config.listen)
+    await server.start()
+    await health.starting(config.data_parallel_size)
+    log.info("listening", extra={"address": config.listen, "ranks": config.data_parallel_size})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    joining = _in_daemon_thread(lambda: EngineClient.start(config.engine_args))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not joining.done():
+        log.info("stopped before the ranks joined")
+        await server.stop(grace=None)
+        return 0
+    if (error := joining.exception()) is not None:
+        log.error("the ranks could not join", exc_info=error)
+        await server.stop(grace=None)
+        return 1
+    pool = CoupledRanks(joining.result())
+    dispatcher.pool = pool
+    await health.update(pool.loads())
+    log.info("serving", extra={"ranks": pool.limits.data_parallel_size})
+
+    await stopping
+    log.info("draining", extra={"grace_period_s": config.grace_period})
+    await health.shutting_down()
+    pool.set_state(RankState.DRAINING)
+    if not await dispatcher.drain(config.grace_period):
+        log.warning("grace period over; cancelling the remaining requests")
+    await server.stop(grace=1.0)
+    pool.close()
+    tracing.shutdown()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,52 @@
+"""Plain types that cross between the router and the engine client (no vLLM here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling parameters, in the engine's terms."""
+
+    max_tokens: int
+    min_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    stop: list[str]
+    stop_token_ids: list[int]
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    n: int
+    logprobs: int | None
+    ignore_eos: bool
+    skip_special_tokens: bool
+
+
+@dataclass(frozen=True)
+class EngineTokenLogprob:
+    """The logprob of one generated token and of its top alternatives."""
+
+    token_id: int
+    logprob: float
+    token: str
+    top: list[tuple[int, float, str]]
+
+
+@dataclass(frozen=True)
+class EngineDelta:
+    """What one engine step added to one choice of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[EngineTokenLogprob]
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    stop_reason: str
+    # Set on the request's last delta.
+    finished: bool
+    cached_tokens: int

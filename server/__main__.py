@@ -1,0 +1,75 @@
+"""`python -m server --model DIR -dp N -dpr R --data-parallel-address ROUTER_HOST
+--data-parallel-rpc-port PORT [engine flags]`: one headless vLLM data-parallel rank.
+
+It takes vLLM's own `serve` flags (headless is implied) and has no API of its
+own: the engine joins the router, which holds the engine client. The flags
+that shape the model (--model, --dtype, --max-model-len, ...) must match the
+router's.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+import psutil
+
+from router import logs
+from router.vllm_compat import make_rank_server_parser, run_rank_server
+
+log = logging.getLogger("dprouter.server")
+
+
+def _router_connections(router_host: str, rpc_port: int) -> bool:
+    """True once an engine process has a connection to the router's host other
+    than the handshake port: after the handshake, the engine talks to the
+    router's request and output sockets."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            connections = child.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for conn in connections:
+            if (
+                conn.status == psutil.CONN_ESTABLISHED
+                and conn.raddr
+                and conn.raddr.ip == router_host
+                and conn.raddr.port != rpc_port
+            ):
+                return True
+    return False
+
+
+def _announce_join(rank: int, router_host: str, rpc_port: int) -> None:
+    while not _router_connections(router_host, rpc_port):
+        time.sleep(0.5)
+    log.info(
+        "rank joined the router", extra={"rank": rank, "router": f"{router_host}:{rpc_port}"}
+    )
+
+
+def main() -> int:
+    parser = make_rank_server_parser(
+        "dprouter rank server: one headless vLLM data-parallel rank that joins a router"
+    )
+    args = parser.parse_args()
+    logs.setup()
+    host = args.data_parallel_address or "127.0.0.1"
+    port = args.data_parallel_rpc_port
+    rank = args.data_parallel_start_rank or 0  # what -dpr sets in vLLM 0.32
+    args.data_parallel_address = host
+    log.info(
+        "rank starting; waiting for the router",
+        extra={"rank": rank, "router": f"{host}:{port}", "model": args.model},
+    )
+    threading.Thread(
+        target=_announce_join, args=(rank, host, port), name="announce-join", daemon=True
+    ).start()
+    run_rank_server(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

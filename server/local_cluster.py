@@ -1,0 +1,196 @@
+"""Starts N rank servers and a router on this host, and stops them all.
+
+`make run` uses it to serve the default model, and the test session uses it
+to start the engines once. Each process gets its own process group, so
+stopping the cluster also stops the engine processes that vLLM spawns: no
+orphans after Ctrl-C.
+
+    python -m server.local_cluster --model models/smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# What the tests and `make run` give every engine on a small CPU machine.
+CPU_ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager"]
+
+
+@dataclass
+class ClusterSpec:
+    model: str
+    ranks: int = 2
+    listen: str = "127.0.0.1:50051"
+    rpc_port: int = 13345
+    max_model_len: int = 2048
+    engine_flags: list[str] = field(default_factory=lambda: list(CPU_ENGINE_FLAGS))
+    router_flags: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # Where each process's output goes; None inherits the terminal.
+    log_dir: Path | None = None
+
+    def shared_flags(self) -> list[str]:
+        """Flags the router and every rank must agree on."""
+        return [
+            "--model", self.model,
+            "--max-model-len", str(self.max_model_len),
+            "-dp", str(self.ranks),
+            "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-rpc-port", str(self.rpc_port),
+            *self.engine_flags,
+        ]  # fmt: skip
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.ranks: list[subprocess.Popen[bytes]] = []
+        self.router: subprocess.Popen[bytes] | None = None
+        self._logs: list[IO[bytes]] = []
+
+    def _spawn(self, name: str, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        out: IO[bytes] | None = None
+        if self.spec.log_dir is not None:
+            self.spec.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.spec.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
+            self._logs.append(out)
+        return subprocess.Popen(
+            [sys.executable, *args],
+            env={**os.environ, **self.spec.env, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+
+    def start(self) -> None:
+        spec = self.spec
+        cores = os.cpu_count() or 1
+        for rank in range(spec.ranks):
+            env = {
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                # One core per rank where the machine has them (vLLM's CPU
+                # backend otherwise puts every rank's worker on the same cores).
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
+                    "VLLM_CPU_OMP_THREADS_BIND", str(rank % cores)
+                ),
+            }
+            self.ranks.append(
+                self._spawn(
+                    f"rank{rank}",
+                    ["-m", "server", *spec.shared_flags(), "-dpr", str(rank),
+                     "--data-parallel-size-local", "1"],
+                    env,
+                )
+            )  # fmt: skip
+        self.router = self._spawn(
+            "router",
+            ["-m", "router", *spec.shared_flags(), "--listen", spec.listen, *spec.router_flags],
+            {},
+        )
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        return [*self.ranks, *([self.router] if self.router else [])]
+
+    def wait_serving(self, timeout: float) -> None:
+        """Blocks until the router's Health says SERVING; raises if a process died."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.spec.listen) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                for proc in self.processes():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError(f"the router was not SERVING after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to every process group (router first), SIGKILL to what remains."""
+        for proc in self.processes():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+                if proc is self.router:
+                    _wait(proc, timeout)
+        for proc in self.processes():
+            _wait(proc, timeout)
+            _signal_group(proc, signal.SIGKILL)  # engine processes left in the group
+        for out in self._logs:
+            out.close()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--listen", default="127.0.0.1:50051")
+    parser.add_argument("--rpc-port", type=int, default=13345)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
+    args = parser.parse_args()
+    cluster = LocalCluster(
+        ClusterSpec(
+            model=args.model,
+            ranks=args.ranks,
+            listen=args.listen,
+            rpc_port=args.rpc_port,
+            max_model_len=args.max_model_len,
+        )
+    )
+    cluster.start()
+    try:
+        cluster.wait_serving(args.timeout)
+        print(
+            f"\ndprouter is SERVING {args.model} on {args.listen} with {args.ranks} ranks.\n"
+            "Stream a completion:\n"
+            f'  .venv/bin/python -m clients.python.generate --address {args.listen} '
+            '"The capital of France is"\n'
+            f"  .venv/bin/grpcurl -plaintext -d '{{\"prompt\": \"The capital of France is\", "
+            f"\"sampling\": {{\"max_tokens\": 16, \"temperature\": 0}}}}' {args.listen} "
+            "dprouter.v1.GenerateService/Generate\n"
+            "Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+        while all(proc.poll() is None for proc in cluster.processes()):
+            time.sleep(1)
+        print("a process exited; stopping the cluster", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
