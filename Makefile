@@ -56,7 +56,7 @@ run: $(STUBS) $(SMOLLM2)/config.json
 check: $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy router server clients/python tests
+	$(VENV)/bin/mypy router server tests clients/python/generate.py
 	cd protos && ../$(VENV)/bin/buf lint
 
 test: $(STUBS) models check

@@ -89,7 +89,7 @@ async def serve(config: RouterConfig) -> int:
 
     joining = _in_daemon_thread(lambda: EngineClient.start(config.engine_args))
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
     if not joining.done():
         log.info("stopped before the ranks joined")
         await server.stop(grace=None)

@@ -96,7 +96,9 @@ class Dispatcher:
         except EngineDeadError:
             raise unavailable(f"the engine serving rank {job.rank} is dead") from None
         except (EngineClientError, ValueError) as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the engine: {e}")
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the engine: {e}"
+            ) from e
         except RequestError:
             raise
         except Exception as e:

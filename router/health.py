@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1._async import HealthServicer
 
 from router.ranks import RankLoad, RankState
 
@@ -26,7 +26,7 @@ def rank_name(rank: int) -> str:
 
 class RouterHealth:
     def __init__(self) -> None:
-        self.servicer = health_aio.HealthServicer()
+        self.servicer = HealthServicer()
 
     async def starting(self, data_parallel_size: int) -> None:
         """Before the ranks have joined, every name is NOT_SERVING."""

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry.trace import Span, StatusCode
@@ -24,8 +25,15 @@ from router.ranks import RankState
 from router.validation import RANK_METADATA_KEY
 
 log = logging.getLogger("dprouter.requests")
+if TYPE_CHECKING:  # generic only in the type stubs
+    Context = grpc.aio.ServicerContext[Any, Any]
 
-_FINISH_REASONS = {
+
+def _metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:
+    return tuple(context.invocation_metadata() or ())
+
+
+_FINISH_REASONS: dict[str, generate_pb2.FinishReason.ValueType] = {
     "stop": generate_pb2.FINISH_REASON_STOP,
     "length": generate_pb2.FINISH_REASON_LENGTH,
     "abort": generate_pb2.FINISH_REASON_ABORT,
@@ -80,9 +88,10 @@ def _count(outcome: _Outcome, delta: EngineDelta) -> None:
 class _Rpc:
     """Span, log line and status mapping shared by the Generate RPCs."""
 
-    def __init__(self, dispatcher: Dispatcher, method: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, method: str, field_prefix: str = "") -> None:
         self.dispatcher = dispatcher
         self.method = method
+        self.field_prefix = field_prefix  # where the GenerateRequest sits in the RPC's request
 
     @contextmanager
     def observed(
@@ -96,8 +105,8 @@ class _Rpc:
                 yield span, outcome
             except RequestError as e:
                 code = e.code
-                span.set_status(StatusCode.ERROR, e.message)
-                outcome.fields["error"] = e.message
+                span.set_status(StatusCode.ERROR, self.message(e))
+                outcome.fields["error"] = self.message(e)
                 raise
             except BaseException as e:  # cancelled, deadline, client gone
                 code = grpc.StatusCode.CANCELLED
@@ -136,16 +145,19 @@ class _Rpc:
                     },
                 )
 
+    def message(self, error: RequestError) -> str:
+        return error.message(self.field_prefix)
+
     async def start(
         self,
         request: generate_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         span: Span,
         outcome: _Outcome,
     ) -> tuple[Job, AsyncIterator[EngineDelta]]:
         """Checks and routes the request, sends the response metadata and
         returns the engine's stream."""
-        job = outcome.job = self.dispatcher.prepare(request, context.invocation_metadata() or ())
+        job = outcome.job = self.dispatcher.prepare(request, _metadata(context))
         outcome.prompt_tokens = len(job.prompt_token_ids)
         metadata = [(RANK_METADATA_KEY, str(job.rank)), ("x-request-id", job.request_id)]
         if (trace_id := tracing.trace_id(span)) is not None:
@@ -157,13 +169,13 @@ class _Rpc:
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._generate = _Rpc(dispatcher, "dprouter.v1.GenerateService/Generate")
-        self._complete = _Rpc(dispatcher, "dprouter.v1.GenerateService/Complete")
+        self._complete = _Rpc(dispatcher, "dprouter.v1.GenerateService/Complete", "request.")
 
-    async def Generate(  # noqa: N802 (gRPC's method name)
-        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            with self._generate.observed(context.invocation_metadata() or ()) as (span, outcome):
+            with self._generate.observed(_metadata(context)) as (span, outcome):
                 job, deltas = await self._generate.start(request, context, span, outcome)
                 first = True
                 async for delta in deltas:
@@ -173,7 +185,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                         text=delta.text,
                         token_ids=delta.token_ids,
                         logprobs=_logprobs(delta.logprobs),
-                        finish_reason=_FINISH_REASONS.get(delta.finish_reason or "", 0),
+                        finish_reason=_FINISH_REASONS.get(
+                            delta.finish_reason or "", generate_pb2.FINISH_REASON_UNSPECIFIED
+                        ),
                         stop_reason=delta.stop_reason,
                     )
                     if first:
@@ -184,13 +198,13 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                         response.usage.CopyFrom(_usage(outcome))
                     yield response
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, self._generate.message(e))
 
-    async def Complete(  # noqa: N802
-        self, request: generate_pb2.CompleteRequest, context: grpc.aio.ServicerContext
+    async def Complete(
+        self, request: generate_pb2.CompleteRequest, context: Context
     ) -> generate_pb2.CompleteResponse:
         try:
-            with self._complete.observed(context.invocation_metadata() or ()) as (span, outcome):
+            with self._complete.observed(_metadata(context)) as (span, outcome):
                 job, deltas = await self._complete.start(request.request, context, span, outcome)
                 choices: dict[int, generate_pb2.Choice] = {}
                 async for delta in deltas:
@@ -200,7 +214,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                     choice.token_ids.extend(delta.token_ids)
                     choice.logprobs.extend(_logprobs(delta.logprobs))
                     if delta.finish_reason:
-                        choice.finish_reason = _FINISH_REASONS.get(delta.finish_reason, 0)
+                        choice.finish_reason = _FINISH_REASONS.get(
+                            delta.finish_reason, generate_pb2.FINISH_REASON_UNSPECIFIED
+                        )
                         choice.stop_reason = delta.stop_reason
                 return generate_pb2.CompleteResponse(
                     choices=[choices[i] for i in sorted(choices)],
@@ -209,7 +225,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                     request_id=job.request_id,
                 )
         except RequestError as e:
-            await context.abort(e.code, e.message)
+            await context.abort(e.code, self._complete.message(e))
             raise AssertionError("unreachable: abort raises") from e
 
 
@@ -217,8 +233,8 @@ class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
 
-    async def ListRanks(  # noqa: N802
-        self, request: ranks_pb2.ListRanksRequest, context: grpc.aio.ServicerContext
+    async def ListRanks(
+        self, request: ranks_pb2.ListRanksRequest, context: Context
     ) -> ranks_pb2.ListRanksResponse:
         return ranks_pb2.ListRanksResponse(
             ranks=[

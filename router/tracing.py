@@ -73,9 +73,7 @@ def _incoming_context(metadata: Sequence[tuple[str, str | bytes]]) -> Context:
 
 
 @contextmanager
-def request_span(
-    name: str, metadata: Sequence[tuple[str, str | bytes]]
-) -> Iterator[Span]:
+def request_span(name: str, metadata: Sequence[tuple[str, str | bytes]]) -> Iterator[Span]:
     """A SERVER span for one RPC, continuing the caller's W3C `traceparent`."""
     tracer = trace.get_tracer("dprouter")
     with tracer.start_as_current_span(

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dprouter.v1 import generate_pb2
-from router.errors import invalid_argument
 from router.engine_types import Sampling
+from router.errors import invalid_argument
 
 # The metadata key vLLM's own gRPC front end uses to pin a rank.
 RANK_METADATA_KEY = "x-data-parallel-rank"
@@ -162,7 +162,9 @@ def _check_sampling(s: generate_pb2.SamplingParams, limits: ModelLimits) -> None
     if s.HasField("n") and s.n < 1:
         raise invalid_argument(field("n"), f"must be at least 1, got {s.n}")
     if s.HasField("logprobs") and not 0 <= s.logprobs <= MAX_LOGPROBS:
-        raise invalid_argument(field("logprobs"), f"must be in [0, {MAX_LOGPROBS}], got {s.logprobs}")
+        raise invalid_argument(
+            field("logprobs"), f"must be in [0, {MAX_LOGPROBS}], got {s.logprobs}"
+        )
     for i, stop in enumerate(s.stop):
         if not stop:
             raise invalid_argument(f"{field('stop')}[{i}]", "must not be empty")

@@ -45,14 +45,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def new_flexible_parser(description: str) -> argparse.ArgumentParser:
     """A parser that accepts vLLM's flag spellings (--max_model_len too)."""
-    parser: argparse.ArgumentParser = FlexibleArgumentParser(description=description)
+    parser: argparse.ArgumentParser = FlexibleArgumentParser(  # type: ignore[no-untyped-call]
+        description=description
+    )
     return parser
 
 
 def make_rank_server_parser(description: str) -> argparse.ArgumentParser:
     """vLLM's own `serve` parser, so rank servers take exactly its flags."""
     parser: argparse.ArgumentParser = make_arg_parser(
-        FlexibleArgumentParser(description=description)
+        FlexibleArgumentParser(description=description)  # type: ignore[no-untyped-call]
     )
     return parser
 
@@ -64,9 +66,8 @@ def run_rank_server(args: argparse.Namespace) -> None:
     run_headless(args)
 
 
-def _engine_logprobs(
-    position_logprobs: Sequence[Mapping[int, Any]] | None, token_ids: Sequence[int]
-) -> list[EngineTokenLogprob]:
+def _engine_logprobs(position_logprobs: Any, token_ids: Sequence[int]) -> list[EngineTokenLogprob]:
+    """vLLM's per-position {token id: Logprob} maps (a list or FlatLogprobs)."""
     if not position_logprobs:
         return []
     result = []
@@ -77,9 +78,7 @@ def _engine_logprobs(
             key=lambda item: item[1],
             reverse=True,
         )
-        result.append(
-            EngineTokenLogprob(token_id, chosen.logprob, chosen.decoded_token or "", top)
-        )
+        result.append(EngineTokenLogprob(token_id, chosen.logprob, chosen.decoded_token or "", top))
     return result
 
 
@@ -100,9 +99,12 @@ class EngineClient:
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
 
     @classmethod
-    def start(cls, engine_args: argparse.Namespace) -> EngineClient:
+    def start(cls, engine_args: argparse.Namespace, in_process: bool = False) -> EngineClient:
+        """The client for ranks in rank servers; `in_process=True` instead starts
+        the engine here, as a baseline for tests and benchmarks."""
         args = AsyncEngineArgs.from_cli_args(engine_args)
-        args.data_parallel_size_local = 0
+        if not in_process:
+            args.data_parallel_size_local = 0
         return cls(AsyncLLM.from_engine_args(args))
 
     def encode(self, text: str) -> list[int]:

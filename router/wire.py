@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -57,7 +57,7 @@ def bad_field(data: bytes, message: Descriptor, prefix: str = "") -> str | None:
                 if field is None:
                     continue
                 path = prefix + field.name
-                if field.label == FieldDescriptor.LABEL_REPEATED:
+                if field.is_repeated:
                     path += f"[{seen[number]}]"
                     seen[number] += 1
                 if field.type == FieldDescriptor.TYPE_STRING:
@@ -66,7 +66,7 @@ def bad_field(data: bytes, message: Descriptor, prefix: str = "") -> str | None:
                     except UnicodeDecodeError:
                         return path
                 elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                    inner = bad_field(chunk, field.message_type, path + ".")
+                    inner = bad_field(chunk, field.message_type, path + ".")  # type: ignore[arg-type]
                     if inner is not None:
                         return inner
             else:
@@ -92,33 +92,39 @@ def _input_type(method: str) -> Descriptor | None:
     return found.input_type if found is not None else None
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+if TYPE_CHECKING:  # generic only in the type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns unparsable requests into INVALID_ARGUMENT naming the bad field."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         input_type = _input_type(handler_call_details.method)
         if handler is None or input_type is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
+        message: Descriptor = input_type
 
         def deserialize(data: bytes) -> Any:
             try:
                 return parse(data)
             except DecodeError:
-                field = bad_field(data, input_type)
+                field = bad_field(data, message)
                 if field is None or field == "request":
                     return _Malformed("request: not a valid protobuf message")
                 return _Malformed(f"{field}: not valid UTF-8")
 
         if handler.unary_unary is not None:
-            unary = handler.unary_unary
+            unary: Any = handler.unary_unary  # an async servicer method here
 
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_behavior(request: Any, context: Context) -> Any:
                 if isinstance(request, _Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 return await unary(request, context)
@@ -127,9 +133,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 unary_behavior, deserialize, handler.response_serializer
             )
         if handler.unary_stream is not None:
-            stream = handler.unary_stream
+            stream: Any = handler.unary_stream  # an async generator here
 
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream_behavior(request: Any, context: Context) -> Any:
                 if isinstance(request, _Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 async for response in stream(request, context):

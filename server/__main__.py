@@ -45,9 +45,7 @@ def _router_connections(router_host: str, rpc_port: int) -> bool:
 def _announce_join(rank: int, router_host: str, rpc_port: int) -> None:
     while not _router_connections(router_host, rpc_port):
         time.sleep(0.5)
-    log.info(
-        "rank joined the router", extra={"rank": rank, "router": f"{router_host}:{rpc_port}"}
-    )
+    log.info("rank joined the router", extra={"rank": rank, "router": f"{router_host}:{rpc_port}"})
 
 
 def main() -> int:

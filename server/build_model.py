@@ -112,6 +112,9 @@ def build_tiny(out: Path) -> None:
         eos_token_id=eot,
         pad_token_id=eot,
         dtype="float32",
+        # Wide weights make logits far apart, so greedy output does not flip with
+        # the float rounding of different batch shapes (tests compare outputs).
+        initializer_range=0.5,
     )
     torch.manual_seed(0)  # the same weights on every machine
     model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call, unused-ignore]

@@ -11,6 +11,7 @@ orphans after Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,7 +61,9 @@ class LocalCluster:
         self.router: subprocess.Popen[bytes] | None = None
         self._logs: list[IO[bytes]] = []
 
-    def _spawn(self, name: str, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: Sequence[str], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
         out: IO[bytes] | None = None
         if self.spec.log_dir is not None:
             self.spec.log_dir.mkdir(parents=True, exist_ok=True)
@@ -111,9 +114,11 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 for proc in self.processes():
                     if proc.poll() is not None:
-                        raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+                        raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
                 try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                    status = health.Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=2
+                    ).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 except grpc.RpcError:
@@ -136,10 +141,8 @@ class LocalCluster:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -159,6 +162,8 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
     args = parser.parse_args()
+    # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cluster = LocalCluster(
         ClusterSpec(
             model=args.model,
@@ -174,10 +179,10 @@ def main() -> int:
         print(
             f"\ndprouter is SERVING {args.model} on {args.listen} with {args.ranks} ranks.\n"
             "Stream a completion:\n"
-            f'  .venv/bin/python -m clients.python.generate --address {args.listen} '
+            f"  .venv/bin/python -m clients.python.generate --address {args.listen} "
             '"The capital of France is"\n'
-            f"  .venv/bin/grpcurl -plaintext -d '{{\"prompt\": \"The capital of France is\", "
-            f"\"sampling\": {{\"max_tokens\": 16, \"temperature\": 0}}}}' {args.listen} "
+            f'  .venv/bin/grpcurl -plaintext -d \'{{"prompt": "The capital of France is", '
+            f'"sampling": {{"max_tokens": 16, "temperature": 0}}}}\' {args.listen} '
             "dprouter.v1.GenerateService/Generate\n"
             "Press Ctrl-C to stop.\n",
             flush=True,

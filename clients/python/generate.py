@@ -1,7 +1,7 @@
 """Streams a completion from dprouter and prints tokens as they arrive.
 
-    python -m clients.python.generate "The capital of France is"
-    python -m clients.python.generate --chat "What is the capital of France?"
+python -m clients.python.generate "The capital of France is"
+python -m clients.python.generate --chat "What is the capital of France?"
 """
 
 from __future__ import annotations

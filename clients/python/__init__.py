@@ -1,1 +1,0 @@
-"""The Python client: the SDK package `dprouter` and runnable examples."""

@@ -1,0 +1,142 @@
+"""The test session: a real OTLP receiver, two real rank servers and a real
+router (tiny model), started once and shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from dprouter.v1 import generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from server.local_cluster import ClusterSpec, LocalCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / "models" / "tiny-llama"
+SMOLLM2_MODEL = ROOT / "models" / "smollm2-135m-instruct"
+TINY_MAX_MODEL_LEN = 4096
+GRACE_PERIOD_S = 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `last` stop the shared router, so they run after the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver that keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self._spans: list[trace_pb2.Span] = []
+        self._lock = threading.Lock()
+
+    def Export(
+        self,
+        request: trace_service_pb2.ExportTraceServiceRequest,
+        context: grpc.ServicerContext,
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        with self._lock:
+            for resource_spans in request.resource_spans:
+                for scope_spans in resource_spans.scope_spans:
+                    self._spans.extend(scope_spans.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def spans(self) -> list[trace_pb2.Span]:
+        with self._lock:
+            return list(self._spans)
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver() -> Iterator[tuple[OtlpReceiver, int]]:
+    receiver = OtlpReceiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        receiver, server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver, port
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    otlp_receiver: tuple[OtlpReceiver, int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
+    _, otlp_port = otlp_receiver
+    spec = ClusterSpec(
+        model=str(TINY_MODEL),
+        ranks=2,
+        listen=f"127.0.0.1:{free_port()}",
+        rpc_port=free_port(),
+        max_model_len=TINY_MAX_MODEL_LEN,
+        router_flags=["--grace-period", str(GRACE_PERIOD_S)],
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+        log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("logs"))),
+    )
+    cluster = LocalCluster(spec)
+    cluster.start()
+    try:
+        cluster.wait_serving(timeout=300)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def channel(cluster: LocalCluster) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(cluster.spec.listen) as channel:
+        yield channel
+
+
+@pytest.fixture
+def generate(channel: grpc.aio.Channel) -> generate_pb2_grpc.GenerateServiceAsyncStub:
+    return generate_pb2_grpc.GenerateServiceStub(channel)
+
+
+@pytest.fixture
+def ranks(channel: grpc.aio.Channel) -> ranks_pb2_grpc.RanksServiceAsyncStub:
+    return ranks_pb2_grpc.RanksServiceStub(channel)
+
+
+async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tuple[int, int, int]]:
+    """Per rank: (router in-flight, engine waiting, engine running)."""
+    reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+    return [(r.in_flight, r.waiting, r.running) for r in reply.ranks]
+
+
+async def wait_for_engines(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, busy: bool, timeout: float
+) -> float:
+    """Waits until some engine reports a request (busy) or every engine reports
+    none and the router has none in flight (not busy); the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        counts = await engine_counts(ranks)
+        engine_busy = any(waiting + running for _, waiting, running in counts)
+        if busy and engine_busy:
+            return time.monotonic() - start
+        if not busy and not engine_busy and not any(flight for flight, _, _ in counts):
+            return time.monotonic() - start
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"engines not {'busy' if busy else 'idle'} after {timeout} s: {counts}")

