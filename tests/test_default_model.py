@@ -35,7 +35,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 @pytest.mark.parametrize("rank", [0, 1])
 async def test_default_model_answers_paris(smollm2: LocalCluster, rank: int) -> None:
     async with grpc.aio.insecure_channel(smollm2.spec.listen) as channel:
-        stub = generate_pb2_grpc.GenerateServiceAsyncStub(channel)
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
         reply = await stub.Complete(
             generate_pb2.CompleteRequest(
                 request=generate_pb2.GenerateRequest(
