@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Sampling:
-    """Validated sampling parameters, in the engine's terms."""
+    """Validated sampling parameters, named as vLLM's SamplingParams names them."""
 
     max_tokens: int
     min_tokens: int

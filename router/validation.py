@@ -141,8 +141,8 @@ def _check_sampling(s: generate_pb2.SamplingParams, limits: ModelLimits) -> None
         raise invalid_argument(
             field("min_tokens"), f"must be in [0, max_tokens], got {s.min_tokens}"
         )
-    if s.HasField("temperature") and _finite(field("temperature"), s.temperature) < 0:
-        raise invalid_argument(field("temperature"), f"must be at least 0, got {s.temperature}")
+    if s.HasField("temperature") and not 0 <= _finite(field("temperature"), s.temperature) <= 2:
+        raise invalid_argument(field("temperature"), f"must be in [0, 2], got {s.temperature}")
     if s.HasField("top_p") and not 0 < _finite(field("top_p"), s.top_p) <= 1:
         raise invalid_argument(field("top_p"), f"must be in (0, 1], got {s.top_p}")
     if s.HasField("top_k") and s.top_k < -1:

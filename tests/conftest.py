@@ -94,13 +94,8 @@ def cluster(
         },
         log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("logs"))),
     )
-    cluster = LocalCluster(spec)
-    cluster.start()
-    try:
-        cluster.wait_serving(timeout=300)
+    with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ BAD_REQUESTS: list[tuple[str, generate_pb2.GenerateRequest, str]] = [
     ("zero max_tokens", R(prompt="a", sampling=S(max_tokens=0)), "sampling.max_tokens"),
     ("negative max_tokens", R(prompt="a", sampling=S(max_tokens=-3)), "sampling.max_tokens"),
     ("negative temperature", R(prompt="a", sampling=S(temperature=-0.5)), "sampling.temperature"),
+    ("temperature above two", R(prompt="a", sampling=S(temperature=2.5)), "sampling.temperature"),
     ("NaN temperature", R(prompt="a", sampling=S(temperature=float("nan"))), "sampling.temperature"),
     ("top_p zero", R(prompt="a", sampling=S(top_p=0.0)), "sampling.top_p"),
     ("top_p above one", R(prompt="a", sampling=S(top_p=1.5)), "sampling.top_p"),

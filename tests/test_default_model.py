@@ -16,20 +16,14 @@ from tests.conftest import SMOLLM2_MODEL, free_port
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(
-        ClusterSpec(
-            model=str(SMOLLM2_MODEL),
-            listen=f"127.0.0.1:{free_port()}",
-            rpc_port=free_port(),
-            log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
-        )
+    spec = ClusterSpec(
+        model=str(SMOLLM2_MODEL),
+        listen=f"127.0.0.1:{free_port()}",
+        rpc_port=free_port(),
+        log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
     )
-    cluster.start()
-    try:
-        cluster.wait_serving(timeout=300)
+    with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.parametrize("rank", [0, 1])
