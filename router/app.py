@@ -54,7 +54,17 @@ def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
 
 
 def build_server(dispatcher: Dispatcher, health: RouterHealth) -> grpc.aio.Server:
-    server = grpc.aio.server(interceptors=[MalformedRequestInterceptor()])
+    server = grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor()],
+        # Ping idle connections so a vanished client (killed, cut off) is noticed
+        # and its requests are cancelled, freeing their engine slots.
+        options=[
+            ("grpc.keepalive_time_ms", 1000),
+            ("grpc.keepalive_timeout_ms", 1000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(dispatcher), server)
     ranks_pb2_grpc.add_RanksServiceServicer_to_server(RanksServicer(dispatcher), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

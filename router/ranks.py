@@ -37,6 +37,7 @@ class RankLoad:
     kv_cache_usage: float
     served: int
     failed: int
+    cancelled: int
 
 
 class RankPool(Protocol):
@@ -76,6 +77,7 @@ class _Counts:
     in_flight: int = 0
     served: int = 0
     failed: int = 0
+    cancelled: int = 0
 
 
 class CoupledRanks:
@@ -127,8 +129,10 @@ class CoupledRanks:
             counts.in_flight -= 1
             if failed:
                 counts.failed += 1
-            else:
+            elif finished:
                 counts.served += 1
+            else:
+                counts.cancelled += 1
             if not finished:
                 # vLLM aborts a cancelled generate() itself; this also covers a
                 # consumer that stops iterating without cancelling.
@@ -149,6 +153,7 @@ class CoupledRanks:
                 kv_cache_usage=kv,
                 served=c.served,
                 failed=c.failed,
+                cancelled=c.cancelled,
             )
             for rank, (c, (waiting, running, kv)) in enumerate(
                 zip(self._counts, engine, strict=True)

@@ -247,6 +247,7 @@ class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
                     kv_cache_usage=load.kv_cache_usage,
                     served=load.served,
                     failed=load.failed,
+                    cancelled=load.cancelled,
                 )
                 for load in self._dispatcher.loads()
             ]

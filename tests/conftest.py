@@ -120,18 +120,16 @@ async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tup
     return [(r.in_flight, r.waiting, r.running) for r in reply.ranks]
 
 
-async def wait_for_engines(
-    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, busy: bool, timeout: float
-) -> float:
-    """Waits until some engine reports a request (busy) or every engine reports
-    none and the router has none in flight (not busy); the seconds it took."""
+async def wait_for_idle_engines(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, timeout: float
+) -> None:
+    """Waits until every engine reports no waiting or running request and the
+    router has none in flight. The engines' counts arrive through vLLM's DP
+    coordinator, which was seen to lag by seconds on a loaded machine."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)
-        engine_busy = any(waiting + running for _, waiting, running in counts)
-        if busy and engine_busy:
-            return time.monotonic() - start
-        if not busy and not engine_busy and not any(flight for flight, _, _ in counts):
-            return time.monotonic() - start
+        if not any(flight + waiting + running for flight, waiting, running in counts):
+            return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"engines not {'busy' if busy else 'idle'} after {timeout} s: {counts}")
+    raise AssertionError(f"engines not idle after {timeout} s: {counts}")

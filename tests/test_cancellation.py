@@ -1,10 +1,11 @@
 """A client that cancels, disconnects or runs out of deadline frees its engine
 slot. Observed in the engines: their own waiting and running counts (reported
-through vLLM's data-parallel coordinator) drop to zero, long before the
-request could have finished by itself."""
+through vLLM's data-parallel coordinator) drop to zero, and the router counts
+the request as cancelled, i.e. it ended before the engine finished it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,14 +15,20 @@ import time
 import grpc
 import pytest
 
-from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2_grpc
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import ROOT, wait_for_engines
+from tests.conftest import ROOT, wait_for_idle_engines
 
-# Generating this many tokens takes the tiny model well over 5 s on these CPUs
-# (about 2-4 ms per token), so an idle engine within 3 s means an abort.
+# Generating this many tokens takes the tiny model several seconds (about 2 ms
+# per token), so every request below is still running when the client leaves.
 LONG_TOKENS = 3500
-ABORT_BOUND_S = 3.0
+# Generous for a noisy 2-core machine; the cancelled count is what proves the abort.
+ABORT_BOUND_S = 15.0
+
+
+async def cancelled(ranks: ranks_pb2_grpc.RanksServiceAsyncStub, rank: int) -> int:
+    reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+    return reply.ranks[rank].cancelled
 
 
 def long_request(rank: int) -> generate_pb2.GenerateRequest:
@@ -40,44 +47,50 @@ async def test_cancel_aborts_the_engine_request(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
     rank: int,
 ) -> None:
-    await wait_for_engines(ranks, busy=False, timeout=10)
+    await wait_for_idle_engines(ranks, timeout=10)
+    before = await cancelled(ranks, rank)
     call = generate.Generate(long_request(rank))
-    first = await call.read()
+    first = await call.read()  # the engine is generating
     assert isinstance(first, generate_pb2.GenerateResponse)
-    await wait_for_engines(ranks, busy=True, timeout=5)
     call.cancel()
-    assert await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S) < ABORT_BOUND_S
+    await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
+    assert await cancelled(ranks, rank) == before + 1
 
 
 async def test_deadline_aborts_the_engine_request(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
 ) -> None:
-    await wait_for_engines(ranks, busy=False, timeout=10)
+    await wait_for_idle_engines(ranks, timeout=10)
+    before = await cancelled(ranks, 1)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in generate.Generate(long_request(1), timeout=1.0):
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2.0
-    await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
+    await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
+    assert await cancelled(ranks, 1) == before + 1
 
 
 async def test_client_process_killed_mid_stream_aborts_the_engine_request(
     cluster: LocalCluster, ranks: ranks_pb2_grpc.RanksServiceAsyncStub
 ) -> None:
     """kill -9 of the client: its TCP connection drops with no cancel message."""
-    await wait_for_engines(ranks, busy=False, timeout=10)
+    await wait_for_idle_engines(ranks, timeout=10)
+    before = await cancelled(ranks, 0)
     client = subprocess.Popen(
         [sys.executable, "-m", "clients.python.generate", "--address", cluster.spec.listen,
          "--max-tokens", str(LONG_TOKENS), "--ignore-eos", "--rank", "0", "Tell me a story"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await wait_for_engines(ranks, busy=True, timeout=20)
+        assert client.stdout is not None
+        await asyncio.to_thread(client.stdout.read, 1)  # the first token arrived
         os.kill(client.pid, signal.SIGKILL)
         client.wait()
-        await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
+        await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
+        assert await cancelled(ranks, 0) == before + 1
     finally:
         if client.poll() is None:
             client.kill()

@@ -102,7 +102,7 @@ def test_bad_field_walks_nested_and_repeated_fields() -> None:
 
 
 def load(rank: int, state: RankState = RankState.SERVING) -> RankLoad:
-    return RankLoad(rank, state, 0, 0, 0, 0.0, 0, 0)
+    return RankLoad(rank, state, 0, 0, 0, 0.0, 0, 0, 0)
 
 
 def test_round_robin_cycles_and_skips_ranks_not_serving() -> None:
