@@ -137,7 +137,16 @@ class LocalCluster:
         raise TimeoutError(f"the router was not SERVING after {timeout:.0f} s")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to every process group (router first), SIGKILL to what remains."""
+        """SIGTERM to every process group (router first), SIGKILL to what remains.
+        SIGINT and SIGTERM wait until it is done: a second Ctrl-C half-way
+        through would leave engine processes behind."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._stop(timeout)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _stop(self, timeout: float) -> None:
         for proc in self.processes():
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)

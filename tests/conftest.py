@@ -133,3 +133,17 @@ async def wait_for_idle_engines(
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"engines not idle after {timeout} s: {counts}")
+
+
+async def wait_in_flight(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, rank: int | None = None
+) -> None:
+    """Until the router runs a request (on `rank`, or on any rank). Tests wait for
+    this, not for a client to read a token: on 2 busy cores a client can be
+    starved until its stream has ended."""
+    for _ in range(200):
+        reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+        if any(r.in_flight for r in reply.ranks if rank is None or r.rank == rank):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no request in flight on rank {rank}")

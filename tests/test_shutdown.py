@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dprouter.v1 import generate_pb2, generate_pb2_grpc
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import GRACE_PERIOD_S
+from tests.conftest import GRACE_PERIOD_S, wait_in_flight
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_TOKENS = 1500
@@ -24,6 +24,7 @@ async def test_sigterm_drains_in_flight_streams(
     cluster: LocalCluster,
     channel: grpc.aio.Channel,
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
 ) -> None:
     assert cluster.router is not None
     health = health_pb2_grpc.HealthStub(channel)
@@ -37,9 +38,7 @@ async def test_sigterm_drains_in_flight_streams(
             ),
         )
     )
-    first = await long.read()
-    assert isinstance(first, generate_pb2.GenerateResponse)
-
+    await wait_in_flight(ranks)
     cluster.router.send_signal(signal.SIGTERM)
     assert (await watch.read()).status == NOT_SERVING
     assert (
@@ -50,12 +49,8 @@ async def test_sigterm_drains_in_flight_streams(
             pass
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    rest = []
-    while (response := await long.read()) != grpc.aio.EOF:  # type: ignore[attr-defined]
-        assert isinstance(response, generate_pb2.GenerateResponse)
-        rest.append(response)
-    assert rest, "the in-flight stream was cut"
-    assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
-    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == DRAIN_TOKENS
+    responses = [r async for r in long]
+    assert responses[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+    assert sum(len(r.token_ids) for r in responses) == DRAIN_TOKENS
     code = await asyncio.to_thread(cluster.router.wait, GRACE_PERIOD_S + 30)
     assert code == 0
