@@ -120,30 +120,21 @@ async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tup
     return [(r.in_flight, r.waiting, r.running) for r in reply.ranks]
 
 
-async def wait_for_idle_engines(
-    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, timeout: float
+async def wait_for_engines(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, busy: bool, timeout: float
 ) -> None:
-    """Waits until every engine reports no waiting or running request and the
-    router has none in flight. The engines' counts arrive through vLLM's DP
-    coordinator, which was seen to lag by seconds on a loaded machine."""
+    """Waits until some engine reports a waiting or running request (busy), or
+    until every engine reports none and the router has none in flight (idle).
+    The engines' counts come through vLLM's DP coordinator (every 100 ms).
+    Tests wait on this rather than on a client reading a token: on 2 busy cores
+    a client can be starved until its stream has ended."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)
-        if not any(flight + waiting + running for flight, waiting, running in counts):
+        engine_busy = any(waiting + running for _, waiting, running in counts)
+        if busy and engine_busy:
+            return
+        if not busy and not engine_busy and not any(flight for flight, _, _ in counts):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"engines not idle after {timeout} s: {counts}")
-
-
-async def wait_in_flight(
-    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, rank: int | None = None
-) -> None:
-    """Until the router runs a request (on `rank`, or on any rank). Tests wait for
-    this, not for a client to read a token: on 2 busy cores a client can be
-    starved until its stream has ended."""
-    for _ in range(200):
-        reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
-        if any(r.in_flight for r in reply.ranks if rank is None or r.rank == rank):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no request in flight on rank {rank}")
+    raise AssertionError(f"engines not {'busy' if busy else 'idle'} after {timeout} s: {counts}")

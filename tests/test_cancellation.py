@@ -16,7 +16,7 @@ import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import ROOT, wait_for_idle_engines, wait_in_flight
+from tests.conftest import ROOT, wait_for_engines
 
 # Generating this many tokens takes the tiny model several seconds (about 2 ms
 # per token), so every request below is still running when the client leaves.
@@ -46,12 +46,12 @@ async def test_cancel_aborts_the_engine_request(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
     rank: int,
 ) -> None:
-    await wait_for_idle_engines(ranks, timeout=10)
+    await wait_for_engines(ranks, busy=False, timeout=10)
     before = await cancelled(ranks, rank)
     call = generate.Generate(long_request(rank))
-    await wait_in_flight(ranks, rank)
+    await wait_for_engines(ranks, busy=True, timeout=10)
     call.cancel()
-    await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
+    await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
     assert await cancelled(ranks, rank) == before + 1
 
 
@@ -59,7 +59,7 @@ async def test_deadline_aborts_the_engine_request(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
 ) -> None:
-    await wait_for_idle_engines(ranks, timeout=10)
+    await wait_for_engines(ranks, busy=False, timeout=10)
     before = await cancelled(ranks, 1)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -67,7 +67,7 @@ async def test_deadline_aborts_the_engine_request(
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2.0
-    await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
+    await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
     assert await cancelled(ranks, 1) == before + 1
 
 
@@ -75,7 +75,7 @@ async def test_client_process_killed_mid_stream_aborts_the_engine_request(
     cluster: LocalCluster, ranks: ranks_pb2_grpc.RanksServiceAsyncStub
 ) -> None:
     """kill -9 of the client: its TCP connection drops with no cancel message."""
-    await wait_for_idle_engines(ranks, timeout=10)
+    await wait_for_engines(ranks, busy=False, timeout=10)
     before = await cancelled(ranks, 0)
     client = subprocess.Popen(
         [sys.executable, "-m", "clients.python.generate", "--address", cluster.spec.listen,
@@ -83,10 +83,10 @@ async def test_client_process_killed_mid_stream_aborts_the_engine_request(
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await wait_in_flight(ranks, 0)
+        await wait_for_engines(ranks, busy=True, timeout=10)
         os.kill(client.pid, signal.SIGKILL)
         client.wait()
-        await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
+        await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
         assert await cancelled(ranks, 0) == before + 1
     finally:
         if client.poll() is None:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import GRACE_PERIOD_S, wait_in_flight
+from tests.conftest import GRACE_PERIOD_S, wait_for_engines
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DRAIN_TOKENS = 1500
@@ -38,7 +38,7 @@ async def test_sigterm_drains_in_flight_streams(
             ),
         )
     )
-    await wait_in_flight(ranks)
+    await wait_for_engines(ranks, busy=True, timeout=10)
     cluster.router.send_signal(signal.SIGTERM)
     assert (await watch.read()).status == NOT_SERVING
     assert (
