@@ -95,6 +95,7 @@ class CoupledRanks:
             max_model_len=client.max_model_len,
             vocab_size=client.vocab_size,
             data_parallel_size=client.data_parallel_size,
+            max_logprobs=client.max_logprobs,
         )
         self._counts = [_Counts() for _ in range(client.data_parallel_size)]
         self._state = RankState.SERVING

@@ -1,6 +1,6 @@
 """The gRPC servicers: decode, hand to the dispatcher, encode. No routing here.
 
-Every RPC runs inside `_observed`, which opens the request's span, logs its
+Every RPC runs inside `_Rpc.observed`, which opens the request's span, logs its
 outcome and turns a `RequestError` into the matching gRPC status.
 """
 
@@ -94,13 +94,11 @@ class _Rpc:
         self.field_prefix = field_prefix  # where the GenerateRequest sits in the RPC's request
 
     @contextmanager
-    def observed(
-        self, metadata: Sequence[tuple[str, str | bytes]]
-    ) -> Iterator[tuple[Span, _Outcome]]:
+    def observed(self, context: Context, client_request_id: str) -> Iterator[tuple[Span, _Outcome]]:
         started = time.perf_counter()
         outcome = _Outcome()
         code = grpc.StatusCode.OK
-        with tracing.request_span(self.method, metadata) as span:
+        with tracing.request_span(self.method, _metadata(context)) as span:
             try:
                 yield span, outcome
             except RequestError as e:
@@ -109,7 +107,13 @@ class _Rpc:
                 outcome.fields["error"] = self.message(e)
                 raise
             except BaseException as e:  # cancelled, deadline, client gone
-                code = grpc.StatusCode.CANCELLED
+                remaining = context.time_remaining()
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED
+                )
+                span.set_status(StatusCode.ERROR, code.name)
                 outcome.fields["error"] = type(e).__name__
                 raise
             finally:
@@ -135,7 +139,7 @@ class _Rpc:
                     "request finished",
                     extra={
                         "method": self.method,
-                        "request_id": job.request_id if job else None,
+                        "request_id": job.request_id if job else client_request_id or None,
                         "rank": job.rank if job else None,
                         "status": code.name,
                         "prompt_tokens": outcome.prompt_tokens,
@@ -175,7 +179,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self, request: generate_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            with self._generate.observed(_metadata(context)) as (span, outcome):
+            with self._generate.observed(context, request.request_id) as (span, outcome):
                 job, deltas = await self._generate.start(request, context, span, outcome)
                 first = True
                 async for delta in deltas:
@@ -204,7 +208,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self, request: generate_pb2.CompleteRequest, context: Context
     ) -> generate_pb2.CompleteResponse:
         try:
-            with self._complete.observed(_metadata(context)) as (span, outcome):
+            with self._complete.observed(context, request.request.request_id) as (
+                span,
+                outcome,
+            ):
                 job, deltas = await self._complete.start(request.request, context, span, outcome)
                 choices: dict[int, generate_pb2.Choice] = {}
                 async for delta in deltas:

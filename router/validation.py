@@ -19,8 +19,6 @@ from router.errors import invalid_argument
 
 # The metadata key vLLM's own gRPC front end uses to pin a rank.
 RANK_METADATA_KEY = "x-data-parallel-rank"
-# vLLM's default for max_logprobs.
-MAX_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 128
 MAX_SESSION_KEY_CHARS = 256
 DEFAULT_MAX_TOKENS = 16
@@ -33,6 +31,8 @@ class ModelLimits:
     max_model_len: int
     vocab_size: int
     data_parallel_size: int
+    # The engine's --max-logprobs (vLLM's default 20; -1 means the vocabulary).
+    max_logprobs: int = 20
 
 
 @dataclass(frozen=True)
@@ -161,10 +161,9 @@ def _check_sampling(s: generate_pb2.SamplingParams, limits: ModelLimits) -> None
         )
     if s.HasField("n") and s.n < 1:
         raise invalid_argument(field("n"), f"must be at least 1, got {s.n}")
-    if s.HasField("logprobs") and not 0 <= s.logprobs <= MAX_LOGPROBS:
-        raise invalid_argument(
-            field("logprobs"), f"must be in [0, {MAX_LOGPROBS}], got {s.logprobs}"
-        )
+    most = limits.vocab_size if limits.max_logprobs < 0 else limits.max_logprobs
+    if s.HasField("logprobs") and not 0 <= s.logprobs <= most:
+        raise invalid_argument(field("logprobs"), f"must be in [0, {most}], got {s.logprobs}")
     for i, stop in enumerate(s.stop):
         if not stop:
             raise invalid_argument(f"{field('stop')}[{i}]", "must not be empty")

@@ -18,7 +18,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.cli.serve import run_headless
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.exceptions import VLLMClientError
-from vllm.inputs import TokensPrompt
+from vllm.inputs.engine import tokens_input
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -95,6 +95,7 @@ class EngineClient:
         self._llm = llm
         model_config = llm.model_config
         self.max_model_len: int = model_config.max_model_len
+        self.max_logprobs: int = model_config.max_logprobs
         self.tokenizer: Any = llm.get_tokenizer()
         self.vocab_size: int = max(self.tokenizer.get_vocab().values()) + 1
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
@@ -131,7 +132,9 @@ class EngineClient:
         """Streams the request's deltas; cancelling the iteration aborts it."""
         # `Sampling`'s fields are named after SamplingParams' own.
         params = SamplingParams(**dataclasses.asdict(sampling), output_kind=RequestOutputKind.DELTA)
-        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
+        # Already tokenized and checked by the router: hand the engine its own
+        # input type, not a prompt for vLLM's renderer to process again.
+        prompt = tokens_input(prompt_token_ids)
         async for out in self._llm.generate(
             prompt,
             params,

