@@ -42,11 +42,12 @@ $(STUBS): $(PROTOS) $(STAMP)
 		--mypy_out=clients/python --mypy_grpc_out=clients/python $(PROTOS)
 	echo '"""Generated from protos/dprouter/v1 by `make stubs`."""' > $@
 
+# A changed builder rebuilds (the builder itself skips a model that is already built).
 $(TINY)/config.json: $(STAMP) server/build_model.py
-	$(PY) -m server.build_model tiny $(TINY)
+	rm -rf $(TINY) && $(PY) -m server.build_model tiny $(TINY)
 
 $(SMOLLM2)/config.json: $(STAMP) server/build_model.py
-	$(PY) -m server.build_model smollm2 $(SMOLLM2)
+	rm -rf $(SMOLLM2) && $(PY) -m server.build_model smollm2 $(SMOLLM2)
 
 models: $(TINY)/config.json $(SMOLLM2)/config.json
 

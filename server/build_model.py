@@ -89,7 +89,7 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=SPECIALS[0],
         unk_token=SPECIALS[0],
         additional_special_tokens=SPECIALS[1:],
-        model_max_length=4096,
+        model_max_length=16384,
     )
     fast.chat_template = CHATML
     return fast
@@ -106,7 +106,7 @@ def build_tiny(out: Path) -> None:
         num_key_value_heads=1,
         num_hidden_layers=2,
         intermediate_size=256,
-        max_position_embeddings=4096,
+        max_position_embeddings=16384,
         tie_word_embeddings=False,
         bos_token_id=eot,
         eos_token_id=eot,

@@ -23,7 +23,11 @@ from server.local_cluster import ClusterSpec, LocalCluster
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama"
 SMOLLM2_MODEL = ROOT / "models" / "smollm2-135m-instruct"
-TINY_MAX_MODEL_LEN = 4096
+# Long enough that a long generation outlasts the multi-second whole-machine
+# stalls seen on these 2-core machines (tests that cancel must not race it).
+TINY_MAX_MODEL_LEN = 16384
+# Greedy tokens that take the tiny model well over 20 s.
+LONG_TOKENS = 15000
 GRACE_PERIOD_S = 20
 
 

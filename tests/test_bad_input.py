@@ -36,7 +36,7 @@ BAD_REQUESTS: list[tuple[str, generate_pb2.GenerateRequest, str]] = [
     ("negative rank pin", R(prompt="a", data_parallel_rank=-1), "data_parallel_rank"),
     ("token id outside vocab", R(prompt_token_ids=[5, 10**6]), "prompt_token_ids[1]"),
     ("prompt longer than context", R(prompt_token_ids=[5] * TINY_MAX_MODEL_LEN), "prompt_token_ids"),
-    ("text prompt longer than context", R(prompt="hello " * 5000), "prompt"),
+    ("text prompt longer than context", R(prompt="hello " * (TINY_MAX_MODEL_LEN + 10)), "prompt"),
     ("output past the context", R(prompt="a", sampling=S(max_tokens=TINY_MAX_MODEL_LEN)), "sampling.max_tokens"),
     ("message without role", R(messages=[generate_pb2.ChatMessage(content="hi")]), "messages[0].role"),
     ("request id too long", R(prompt="a", request_id="x" * 129), "request_id"),

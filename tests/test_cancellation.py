@@ -15,11 +15,8 @@ import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import ROOT, wait_for_engines
+from tests.conftest import LONG_TOKENS, ROOT, wait_for_engines
 
-# Generating this many tokens takes the tiny model several seconds (about 2 ms
-# per token), so every request below is still running when the client leaves.
-LONG_TOKENS = 3500
 # Generous: stalls of several seconds happen on these 2-core machines (seen in
 # CI). The cancelled count, not the time, is what proves the abort.
 ABORT_BOUND_S = 30.0

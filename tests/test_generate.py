@@ -70,8 +70,9 @@ async def test_greedy_output_equals_the_engine_called_directly(
 async def test_stream_chunks_and_metadata(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
 ) -> None:
-    # Long enough that the engine's steps cannot all land in one response.
-    call = generate.Generate(greedy_request("Hello world", max_tokens=300, request_id="my-id-1"))
+    # Long enough that the engine's steps cannot all land in one response, even
+    # across a machine stall (vLLM merges the steps a stalled reader missed).
+    call = generate.Generate(greedy_request("Hello world", max_tokens=6000, request_id="my-id-1"))
     responses = [r async for r in call]
     metadata = dict(await call.initial_metadata())
     first, last = responses[0], responses[-1]
@@ -82,7 +83,7 @@ async def test_stream_chunks_and_metadata(
     assert metadata["x-request-id"] == "my-id-1"
     assert all(not r.HasField("data_parallel_rank") for r in responses[1:])
     assert last.finish_reason == generate_pb2.FINISH_REASON_LENGTH
-    assert last.usage.completion_tokens == 300 == len(token_ids(responses))
+    assert last.usage.completion_tokens == 6000 == len(token_ids(responses))
     assert last.usage.prompt_tokens > 0
     assert all(not r.HasField("usage") for r in responses[:-1])
 

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from tests.conftest import OtlpReceiver
+from tests.conftest import LONG_TOKENS, OtlpReceiver
 
 GENERATE = "dprouter.v1.GenerateService/Generate"
 
@@ -94,7 +94,7 @@ async def test_deadline_exceeded_request_gets_a_span_with_that_status(
     receiver, _ = otlp_receiver
     request = generate_pb2.GenerateRequest(
         prompt="a long one", request_id="too-slow",
-        sampling=generate_pb2.SamplingParams(max_tokens=3000, ignore_eos=True),
+        sampling=generate_pb2.SamplingParams(max_tokens=LONG_TOKENS, ignore_eos=True),
     )  # fmt: skip
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in generate.Generate(request, timeout=0.5):
