@@ -25,6 +25,8 @@ from router.ranks import RankState
 from router.validation import RANK_METADATA_KEY
 
 log = logging.getLogger("dprouter.requests")
+# A cancel this close to the deadline counts as the deadline passing.
+DEADLINE_SLACK_S = 0.1
 if TYPE_CHECKING:  # generic only in the type stubs
     Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -107,10 +109,11 @@ class _Rpc:
                 outcome.fields["error"] = self.message(e)
                 raise
             except BaseException as e:  # cancelled, deadline, client gone
+                # The client's own timer often cancels a moment before ours fires.
                 remaining = context.time_remaining()
                 code = (
                     grpc.StatusCode.DEADLINE_EXCEEDED
-                    if remaining is not None and remaining <= 0
+                    if remaining is not None and remaining < DEADLINE_SLACK_S
                     else grpc.StatusCode.CANCELLED
                 )
                 span.set_status(StatusCode.ERROR, code.name)
