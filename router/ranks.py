@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.engine_types import EngineDelta, Sampling
+from router.engine_types import EngineDelta
 from router.validation import ModelLimits
-from router.vllm_compat import EngineClient
+from router.vllm_compat import EngineClient, EngineSamplingParams
 
 
 class RankState(enum.Enum):
@@ -53,7 +53,7 @@ class RankPool(Protocol):
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling: Sampling,
+        params: EngineSamplingParams,
         rank: int,
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
@@ -99,6 +99,7 @@ class CoupledRanks:
         )
         self._counts = [_Counts() for _ in range(client.data_parallel_size)]
         self._state = RankState.SERVING
+        self._running: dict[str, int] = {}  # engine request id -> rank
 
     def encode(self, text: str) -> list[int]:
         return self._client.encode(text)
@@ -110,16 +111,17 @@ class CoupledRanks:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling: Sampling,
+        params: EngineSamplingParams,
         rank: int,
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
         counts = self._counts[rank]
         counts.in_flight += 1
+        self._running[request_id] = rank
         finished = failed = False
         try:
             async for delta in self._client.generate(
-                request_id, prompt_token_ids, sampling, rank, trace_headers
+                request_id, prompt_token_ids, params, rank, trace_headers
             ):
                 finished = delta.finished
                 yield delta
@@ -127,19 +129,26 @@ class CoupledRanks:
             failed = True
             raise
         finally:
-            counts.in_flight -= 1
-            if failed:
-                counts.failed += 1
-            elif finished:
-                counts.served += 1
-            else:
-                counts.cancelled += 1
+            if self._running.pop(request_id, None) is not None:  # not aborted already
+                counts.in_flight -= 1
+                if failed:
+                    counts.failed += 1
+                elif finished:
+                    counts.served += 1
+                else:
+                    counts.cancelled += 1
             if not finished:
                 # vLLM aborts a cancelled generate() itself; this also covers a
                 # consumer that stops iterating without cancelling.
-                await self.abort(request_id)
+                await self._client.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
+        """Ends a running request in its engine and counts it as cancelled at
+        once, even while its consumer is stuck (a send to a gone client)."""
+        rank = self._running.pop(request_id, None)
+        if rank is not None:
+            self._counts[rank].in_flight -= 1
+            self._counts[rank].cancelled += 1
         await self._client.abort(request_id)
 
     def loads(self) -> list[RankLoad]:

@@ -35,6 +35,15 @@ def _metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:
     return tuple(context.invocation_metadata() or ())
 
 
+def _check_deadline(context: Context) -> None:
+    """gRPC cancels a handler at its deadline, but a streaming handler was seen
+    to miss that for seconds on a busy machine; checking each delta makes the
+    deadline certain (leaving the loop aborts the engine request)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+
+
 _FINISH_REASONS: dict[str, generate_pb2.FinishReason.ValueType] = {
     "stop": generate_pb2.FINISH_REASON_STOP,
     "length": generate_pb2.FINISH_REASON_LENGTH,
@@ -170,7 +179,9 @@ class _Rpc:
         if (trace_id := tracing.trace_id(span)) is not None:
             metadata.append(("x-trace-id", trace_id))
         await context.send_initial_metadata(metadata)
-        return job, self.dispatcher.run(job, tracing.outgoing_headers(span))
+        return job, self.dispatcher.run(
+            job, tracing.outgoing_headers(span), context.time_remaining()
+        )
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
@@ -186,6 +197,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                 job, deltas = await self._generate.start(request, context, span, outcome)
                 first = True
                 async for delta in deltas:
+                    _check_deadline(context)
                     _count(outcome, delta)
                     response = generate_pb2.GenerateResponse(
                         index=delta.index,
@@ -218,6 +230,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                 job, deltas = await self._complete.start(request.request, context, span, outcome)
                 choices: dict[int, generate_pb2.Choice] = {}
                 async for delta in deltas:
+                    _check_deadline(context)
                     _count(outcome, delta)
                     choice = choices.setdefault(delta.index, generate_pb2.Choice(index=delta.index))
                     choice.text += delta.text

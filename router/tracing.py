@@ -74,16 +74,18 @@ def _incoming_context(metadata: Sequence[tuple[str, str | bytes]]) -> Context:
 
 @contextmanager
 def request_span(name: str, metadata: Sequence[tuple[str, str | bytes]]) -> Iterator[Span]:
-    """A SERVER span for one RPC, continuing the caller's W3C `traceparent`."""
-    tracer = trace.get_tracer("dprouter")
-    with tracer.start_as_current_span(
-        name,
-        context=_incoming_context(metadata),
-        kind=SpanKind.SERVER,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    """A SERVER span for one RPC, continuing the caller's W3C `traceparent`.
+
+    It is not made the current span: a streaming handler is an async generator
+    that gRPC may close from another context, where detaching would fail. The
+    span reaches the engine through `outgoing_headers` instead."""
+    span = trace.get_tracer("dprouter").start_span(
+        name, context=_incoming_context(metadata), kind=SpanKind.SERVER
+    )
+    try:
         yield span
+    finally:
+        span.end()
 
 
 def outgoing_headers(span: Span) -> Mapping[str, str] | None:

@@ -30,13 +30,25 @@ __all__ = [
     "EngineClient",
     "EngineClientError",
     "EngineDeadError",
+    "EngineSamplingParams",
     "add_engine_args",
+    "engine_sampling_params",
     "make_rank_server_parser",
+    "new_flexible_parser",
     "run_rank_server",
 ]
 
 # The engine rejected the request itself (bad parameters for this model).
 EngineClientError = VLLMClientError
+# vLLM's sampling parameters, built once per request by `engine_sampling_params`.
+EngineSamplingParams = SamplingParams
+
+
+def engine_sampling_params(sampling: Sampling) -> EngineSamplingParams:
+    """vLLM's own checks run here, before the engine is touched: they raise
+    EngineClientError, whose `parameter` (when set) names the field."""
+    # `Sampling`'s fields are named after SamplingParams' own.
+    return SamplingParams(**dataclasses.asdict(sampling), output_kind=RequestOutputKind.DELTA)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -125,13 +137,11 @@ class EngineClient:
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        sampling: Sampling,
+        params: EngineSamplingParams,
         rank: int,
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
         """Streams the request's deltas; cancelling the iteration aborts it."""
-        # `Sampling`'s fields are named after SamplingParams' own.
-        params = SamplingParams(**dataclasses.asdict(sampling), output_kind=RequestOutputKind.DELTA)
         # Already tokenized and checked by the router: hand the engine its own
         # input type, not a prompt for vLLM's renderer to process again.
         prompt = tokens_input(prompt_token_ids)

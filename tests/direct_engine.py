@@ -13,7 +13,12 @@ import json
 import sys
 
 from router.engine_types import Sampling
-from router.vllm_compat import EngineClient, add_engine_args, new_flexible_parser
+from router.vllm_compat import (
+    EngineClient,
+    add_engine_args,
+    engine_sampling_params,
+    new_flexible_parser,
+)
 
 
 def greedy(max_tokens: int) -> Sampling:
@@ -29,7 +34,11 @@ async def run(client: EngineClient, prompts: list[str], max_tokens: int) -> list
     for i, prompt in enumerate(prompts):
         ids: list[int] = []
         async for delta in client.generate(
-            f"direct-{i}", client.encode(prompt), greedy(max_tokens), 0, None
+            f"direct-{i}",
+            client.encode(prompt),
+            engine_sampling_params(greedy(max_tokens)),
+            0,
+            None,
         ):
             ids.extend(delta.token_ids)
         outputs.append(ids)

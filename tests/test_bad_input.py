@@ -29,6 +29,7 @@ BAD_REQUESTS: list[tuple[str, generate_pb2.GenerateRequest, str]] = [
     ("min_tokens over max", R(prompt="a", sampling=S(max_tokens=4, min_tokens=5)), "sampling.min_tokens"),
     ("presence penalty", R(prompt="a", sampling=S(presence_penalty=3)), "sampling.presence_penalty"),
     ("repetition penalty", R(prompt="a", sampling=S(repetition_penalty=0)), "sampling.repetition_penalty"),
+    ("n above one with greedy sampling (vLLM's own rule)", R(prompt="a", sampling=S(n=2, temperature=0)), "sampling"),
     ("too many logprobs", R(prompt="a", sampling=S(logprobs=21)), "sampling.logprobs"),
     ("empty stop string", R(prompt="a", sampling=S(stop=["x", ""])), "sampling.stop[1]"),
     ("stop token outside vocab", R(prompt="a", sampling=S(stop_token_ids=[10**6])), "sampling.stop_token_ids[0]"),
