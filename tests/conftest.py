@@ -28,7 +28,7 @@ SMOLLM2_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 TINY_MAX_MODEL_LEN = 16384
 # Greedy tokens that take the tiny model well over 20 s.
 LONG_TOKENS = 15000
-GRACE_PERIOD_S = 20
+GRACE_PERIOD_S = 60
 
 
 def free_port() -> int:
@@ -124,21 +124,15 @@ async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tup
     return [(r.in_flight, r.waiting, r.running) for r in reply.ranks]
 
 
-async def wait_for_engines(
-    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, busy: bool, timeout: float
+async def wait_for_idle_engines(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, timeout: float
 ) -> None:
-    """Waits until some engine reports a waiting or running request (busy), or
-    until every engine reports none and the router has none in flight (idle).
-    The engines' counts come through vLLM's DP coordinator (every 100 ms).
-    Tests wait on this rather than on a client reading a token: on 2 busy cores
-    a client can be starved until its stream has ended."""
+    """Waits until every engine reports no waiting or running request (through
+    vLLM's DP coordinator, every 100 ms) and the router has none in flight."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)
-        engine_busy = any(waiting + running for _, waiting, running in counts)
-        if busy and engine_busy:
-            return
-        if not busy and not engine_busy and not any(flight for flight, _, _ in counts):
+        if not any(flight + waiting + running for flight, waiting, running in counts):
             return
         await asyncio.sleep(0.05)
-    raise AssertionError(f"engines not {'busy' if busy else 'idle'} after {timeout} s: {counts}")
+    raise AssertionError(f"engines not idle after {timeout} s: {counts}")

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2_grpc
-from tests.conftest import TINY_MAX_MODEL_LEN, wait_for_engines
+from tests.conftest import TINY_MAX_MODEL_LEN, wait_for_idle_engines
 
 S = generate_pb2.SamplingParams
 R = generate_pb2.GenerateRequest
@@ -139,4 +139,4 @@ async def test_bad_requests_leave_no_engine_work(
     """Rejections happen before the engine: nothing is left in flight."""
     for _, request, field in BAD_REQUESTS:
         await expect_invalid(generate.Generate(request), field)
-    await wait_for_engines(ranks, busy=False, timeout=5)
+    await wait_for_idle_engines(ranks, timeout=5)

@@ -5,6 +5,7 @@ the request as cancelled, i.e. it ended before the engine finished it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import LONG_TOKENS, ROOT, wait_for_engines
+from tests.conftest import LONG_TOKENS, ROOT, wait_for_idle_engines
 
 # Generous: stalls of several seconds happen on these 2-core machines (seen in
 # CI). The cancelled count, not the time, is what proves the abort.
@@ -43,12 +44,14 @@ async def test_cancel_aborts_the_engine_request(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
     rank: int,
 ) -> None:
-    await wait_for_engines(ranks, busy=False, timeout=10)
+    await wait_for_idle_engines(ranks, timeout=10)
     before = await cancelled(ranks, rank)
     call = generate.Generate(long_request(rank))
-    await wait_for_engines(ranks, busy=True, timeout=10)
+    # The engine is generating. (Even if a machine stall delays this read, a
+    # 15,000-token request is still far from done.)
+    assert isinstance(await call.read(), generate_pb2.GenerateResponse)
     call.cancel()
-    await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
+    await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
     assert await cancelled(ranks, rank) == before + 1
 
 
@@ -56,13 +59,13 @@ async def test_deadline_aborts_the_engine_request(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
 ) -> None:
-    await wait_for_engines(ranks, busy=False, timeout=10)
+    await wait_for_idle_engines(ranks, timeout=10)
     before = await cancelled(ranks, 1)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in generate.Generate(long_request(1), timeout=1.0):
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
+    await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
     assert await cancelled(ranks, 1) == before + 1
 
 
@@ -70,18 +73,19 @@ async def test_client_process_killed_mid_stream_aborts_the_engine_request(
     cluster: LocalCluster, ranks: ranks_pb2_grpc.RanksServiceAsyncStub
 ) -> None:
     """kill -9 of the client: its TCP connection drops with no cancel message."""
-    await wait_for_engines(ranks, busy=False, timeout=10)
+    await wait_for_idle_engines(ranks, timeout=10)
     before = await cancelled(ranks, 0)
     client = subprocess.Popen(
         [sys.executable, "-m", "clients.python.generate", "--address", cluster.spec.listen,
          "--max-tokens", str(LONG_TOKENS), "--ignore-eos", "--rank", "0", "Tell me a story"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await wait_for_engines(ranks, busy=True, timeout=10)
+        assert client.stdout is not None
+        await asyncio.to_thread(client.stdout.read, 1)  # its first token arrived
         os.kill(client.pid, signal.SIGKILL)
         client.wait()
-        await wait_for_engines(ranks, busy=False, timeout=ABORT_BOUND_S)
+        await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
         assert await cancelled(ranks, 0) == before + 1
     finally:
         if client.poll() is None:
