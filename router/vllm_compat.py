@@ -179,9 +179,5 @@ class EngineClient:
             return None
         return [(int(w), int(r), float(kv)) for w, r, kv in counts]
 
-    @property
-    def errored(self) -> bool:
-        return bool(self._llm.errored)
-
     def shutdown(self) -> None:
         self._llm.shutdown()
