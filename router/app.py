@@ -25,8 +25,9 @@ from router import tracing
 from router.config import RouterConfig
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
-from router.policies import RoundRobin
-from router.ranks import CoupledRanks, RankState
+from router.ledger import RankState
+from router.policies import make_policy
+from router.ranks import CoupledRanks
 from router.service import GenerateServicer, RanksServicer
 from router.vllm_compat import EngineClient
 from router.wire import MalformedRequestInterceptor
@@ -66,7 +67,7 @@ def build_server(dispatcher: Dispatcher, health: RouterHealth) -> grpc.aio.Serve
         ],
     )
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(dispatcher), server)
-    ranks_pb2_grpc.add_RanksServiceServicer_to_server(RanksServicer(dispatcher), server)
+    ranks_pb2_grpc.add_RanksServiceServicer_to_server(RanksServicer(dispatcher, health), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [
@@ -84,7 +85,7 @@ async def serve(config: RouterConfig) -> int:
     """Runs the router until a signal; the process exit code."""
     if tracing.setup():
         log.info("tracing to OTLP")
-    dispatcher = Dispatcher(RoundRobin())
+    dispatcher = Dispatcher()
     health = RouterHealth()
     server = build_server(dispatcher, health)
     server.add_insecure_port(config.listen)
@@ -109,14 +110,17 @@ async def serve(config: RouterConfig) -> int:
         await server.stop(grace=None)
         return 1
     pool = CoupledRanks(joining.result())
-    dispatcher.pool = pool
-    await health.update(pool.loads())
-    log.info("serving", extra={"ranks": pool.limits.data_parallel_size})
+    ranks = pool.limits.data_parallel_size
+    policy = make_policy(config.routing_policy, ranks, pool.block_size, config.load_factor)
+    dispatcher.attach(pool, policy)
+    await health.update(dispatcher.loads())
+    log.info("serving", extra={"ranks": ranks, "routing_policy": policy.name})
 
     await stopping
     log.info("draining", extra={"grace_period_s": config.grace_period})
     await health.shutting_down()
-    pool.set_state(RankState.DRAINING)
+    for rank in range(ranks):
+        dispatcher.ledger.set_state(rank, RankState.DRAINING)
     if not await dispatcher.drain(config.grace_period):
         log.warning("grace period over; cancelling the remaining requests")
     await server.stop(grace=1.0)

@@ -12,6 +12,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from router.policies import DEFAULT_LOAD_FACTOR, POLICIES
 from router.vllm_compat import add_engine_args, new_flexible_parser
 
 
@@ -19,6 +20,8 @@ from router.vllm_compat import add_engine_args, new_flexible_parser
 class RouterConfig:
     listen: str
     grace_period: float
+    routing_policy: str
+    load_factor: float
     log_level: str
     engine_args: argparse.Namespace
 
@@ -43,11 +46,30 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         default=30.0,
         help="seconds that in-flight requests get to finish after SIGTERM",
     )
+    router.add_argument(
+        "--routing-policy",
+        choices=POLICIES,
+        default="affinity",
+        help="how to pick a rank for a request that pins none: affinity (session key, "
+        "else prompt prefix, both load-bounded; least loaded otherwise), least_loaded, "
+        "power_of_two, prefix, session or round_robin",
+    )
+    router.add_argument(
+        "--affinity-load-factor",
+        type=float,
+        default=DEFAULT_LOAD_FACTOR,
+        help="affinity policies spill a request to another rank when its rank would "
+        "have more than this times the mean in-flight requests",
+    )
     add_engine_args(parser)
     args = parser.parse_args(argv)
+    if args.affinity_load_factor < 1:
+        parser.error("--affinity-load-factor must be at least 1")
     return RouterConfig(
         listen=args.listen,
         grace_period=args.grace_period,
+        routing_policy=args.routing_policy,
+        load_factor=args.affinity_load_factor,
         # vLLM's own --log-level sets the router's level too.
         log_level=getattr(args, "log_level", "info").upper(),
         engine_args=args,

@@ -1,8 +1,8 @@
 """Admits requests, picks their rank and runs them on the rank pool.
 
 The servicers hand every request here after decoding it; this is where a
-request becomes a `Job` (checked, tokenized, routed) and where the count of
-requests in flight lives, which graceful shutdown waits on.
+request becomes a `Job` (checked, tokenized, routed, counted in the ledger)
+and where a job's life in the ledger ends, whatever ends it.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import grpc
 from dprouter.v1 import generate_pb2
 from router import validation
 from router.engine_types import EngineDelta
-from router.errors import RequestError, invalid_argument, unavailable
-from router.policies import RoundRobin
-from router.ranks import RankLoad, RankPool
+from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
+from router.ledger import Ledger, Outcome, RankLoad, RankState
+from router.policies import Candidate, Decision, Policy, RouteInput, load_score
+from router.ranks import RankPool
 from router.vllm_compat import (
     EngineClientError,
     EngineDeadError,
@@ -36,33 +37,57 @@ class Job:
     engine_request_id: str
     prompt_token_ids: list[int]
     params: EngineSamplingParams
+    priority: int
     rank: int
-    route_reason: str  # "pinned", or the policy that chose the rank
+    route_policy: str  # the policy that chose the rank, or "pin"
+    route_reason: str
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A request that passed every check, tokenized."""
+
+    checked: validation.CheckedRequest
+    prompt_token_ids: list[int]
+    params: EngineSamplingParams
+
+
+PIN_POLICY = "pin"
 
 
 class Dispatcher:
-    def __init__(self, policy: RoundRobin) -> None:
-        self.policy = policy
+    def __init__(self) -> None:
         self.pool: RankPool | None = None
+        self.policy: Policy | None = None
+        self.ledger = Ledger(0)
         self.accepting = True
-        self._in_flight = 0
+        self._in_flight = 0  # routed and not yet released
         self._idle = asyncio.Event()
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
 
-    def loads(self) -> list[RankLoad]:
-        return self.pool.loads() if self.pool is not None else []
+    def attach(self, pool: RankPool, policy: Policy) -> None:
+        """The ranks have joined: route requests to them with `policy`."""
+        self.ledger = Ledger(pool.limits.data_parallel_size)
+        self.policy = policy
+        self.pool = pool
 
-    def prepare(
+    def loads(self) -> list[RankLoad]:
+        return self.ledger.loads(self.pool.engine_loads() if self.pool is not None else None)
+
+    def _pool(self) -> RankPool:
+        if not self.accepting:
+            raise unavailable("the router is shutting down")
+        if self.pool is None:
+            raise unavailable("the ranks have not joined the router yet")
+        return self.pool
+
+    def _admit(
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
-    ) -> Job:
-        pool = self.pool
-        if not self.accepting:
-            raise unavailable("the router is shutting down")
-        if pool is None:
-            raise unavailable("the ranks have not joined the router yet")
+    ) -> _Admitted:
+        pool = self._pool()
         checked = validation.check_request(request, metadata, pool.limits)
         ids = validation.tokenize(checked.prompt, pool.encode, pool.render_chat)
         if not ids:
@@ -77,22 +102,79 @@ class Dispatcher:
             raise invalid_argument(
                 f"sampling.{parameter}" if parameter else "sampling", str(e)
             ) from None
-        if checked.rank_pin is not None:
-            rank, reason = checked.rank_pin, "pinned"
-        else:
-            chosen = self.policy.choose(pool.loads())
-            if chosen is None:
+        return _Admitted(checked, ids, params)
+
+    def _route(self, admitted: _Admitted) -> Decision:
+        """The policy's decision, or the pin's; nothing is committed yet."""
+        self._pool()
+        loads = self.loads()
+        pin = admitted.checked.rank_pin
+        if pin is None:
+            assert self.policy is not None  # attached with the pool
+            route = RouteInput(admitted.prompt_token_ids, admitted.checked.session_key)
+            decision = self.policy.decide(route, loads)
+            if decision.rank is None:
                 raise unavailable("no rank is serving")
-            rank, reason = chosen, self.policy.name
-        return Job(
+            return decision
+        state = loads[pin.rank].state
+        if state is RankState.DRAINING:
+            raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
+        if state is RankState.UNHEALTHY:
+            raise unavailable(f"rank {pin.rank} is unhealthy")
+        candidates = [Candidate(load.rank, load_score(load)) for load in loads]
+        return Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+
+    def explain(
+        self,
+        request: generate_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str | bytes]],
+    ) -> tuple[Decision, int]:
+        """Where the request would go now, and its prompt's length; a dry run."""
+        admitted = self._admit(request, metadata)
+        return self._route(admitted), len(admitted.prompt_token_ids)
+
+    def prepare(
+        self,
+        request: generate_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str | bytes]],
+    ) -> Job:
+        """Checks, routes and counts the request on its rank. The caller must
+        `run` the job or `release` it."""
+        admitted = self._admit(request, metadata)
+        decision = self._route(admitted)
+        assert decision.rank is not None
+        decision.commit()
+        checked = admitted.checked
+        job = Job(
             request_id=checked.request_id,
             # Engine ids must be unique among running requests; client ids need not be.
             engine_request_id=f"{checked.request_id}.{uuid.uuid4().hex[:8]}",
-            prompt_token_ids=ids,
-            params=params,
-            rank=rank,
-            route_reason=reason,
+            prompt_token_ids=admitted.prompt_token_ids,
+            params=admitted.params,
+            priority=checked.priority,
+            rank=decision.rank,
+            route_policy=decision.policy,
+            route_reason=decision.reason,
         )
+        self.ledger.reserve(job.engine_request_id, job.rank, len(job.prompt_token_ids))
+        self._in_flight += 1
+        self._idle.clear()
+        return job
+
+    def release(self, job: Job, outcome: Outcome) -> None:
+        """The job left its rank (idempotent)."""
+        if self.ledger.release(job.engine_request_id, outcome):
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def set_rank_state(self, rank: int, state: RankState) -> RankLoad:
+        """Drains or resumes one rank; its load after the change."""
+        ranks = self._pool().limits.data_parallel_size
+        if not 0 <= rank < ranks:
+            raise invalid_argument("rank", f"rank {rank} is outside [0, {ranks})")
+        self.ledger.set_state(rank, state)
+        return self.loads()[rank]
 
     async def run(
         self, job: Job, trace_headers: Mapping[str, str] | None, deadline_s: float | None
@@ -103,45 +185,57 @@ class Dispatcher:
         own cancellation for the whole generation."""
         pool = self.pool
         assert pool is not None
-        self._in_flight += 1
-        self._idle.clear()
         expiry = None
         if deadline_s is not None:
             loop = asyncio.get_running_loop()
-            expiry = loop.call_later(
-                max(deadline_s, 0.0), self._start_abort, pool, job.engine_request_id
-            )
+            expiry = loop.call_later(max(deadline_s, 0.0), self._abort_in_background, job)
+        outcome = Outcome.CANCELLED
         try:
             async for delta in pool.generate(
-                job.engine_request_id, job.prompt_token_ids, job.params, job.rank, trace_headers
+                job.engine_request_id,
+                job.prompt_token_ids,
+                job.params,
+                job.rank,
+                job.priority,
+                trace_headers,
             ):
+                self.ledger.prefilled(job.engine_request_id)
+                if delta.finished:
+                    outcome = Outcome.SERVED
                 yield delta
         except EngineDeadError:
+            outcome = Outcome.FAILED
             raise unavailable(f"the engine serving rank {job.rank} is dead") from None
         except (EngineClientError, ValueError) as e:
+            outcome = Outcome.FAILED
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the engine: {e}"
             ) from e
-        except RequestError:
-            raise
         except Exception as e:
+            outcome = Outcome.FAILED
             raise RequestError(
                 grpc.StatusCode.INTERNAL, f"engine failure: {type(e).__name__}: {e}"
             ) from e
         finally:
             if expiry is not None:
                 expiry.cancel()
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self.release(job, outcome)
+            if outcome is Outcome.CANCELLED:
+                # vLLM aborts a cancelled generate() itself; this also covers a
+                # consumer that stops iterating without cancelling.
+                await pool.abort(job.engine_request_id)
 
-    def _start_abort(self, pool: RankPool, engine_request_id: str) -> None:
-        task = asyncio.ensure_future(pool.abort(engine_request_id))
+    def _abort_in_background(self, job: Job) -> None:
+        """Ends the job in its engine and counts it cancelled at once, even
+        while its consumer is stuck (a send to a gone client)."""
+        assert self.pool is not None
+        self.release(job, Outcome.CANCELLED)
+        task = asyncio.ensure_future(self.pool.abort(job.engine_request_id))
         self._aborts.add(task)  # keep a reference until it is done
         task.add_done_callback(self._aborts.discard)
 
     async def drain(self, grace_period: float) -> bool:
-        """Refuses new requests and waits for the running ones; True if all finished."""
+        """Refuses new requests and waits for the routed ones; True if all finished."""
         self.accepting = False
         try:
             await asyncio.wait_for(self._idle.wait(), grace_period)

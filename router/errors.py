@@ -35,3 +35,8 @@ def invalid_argument(field: str, problem: str) -> RequestError:
 
 def unavailable(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def failed_precondition(field: str, problem: str) -> RequestError:
+    """The request is well formed but the router's state refuses it (a drained rank)."""
+    return RequestError(grpc.StatusCode.FAILED_PRECONDITION, problem, field)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from router.ranks import RankLoad, RankState
+from router.ledger import RankLoad, RankState
 
 GENERATE_SERVICE = "dprouter.v1.GenerateService"
 SERVING = health_pb2.HealthCheckResponse.SERVING

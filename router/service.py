@@ -21,10 +21,14 @@ from router import tracing
 from router.dispatcher import Dispatcher, Job
 from router.engine_types import EngineDelta, EngineTokenLogprob
 from router.errors import RequestError
-from router.ranks import RankState
+from router.health import RouterHealth
+from router.ledger import Outcome, RankLoad, RankState
 from router.validation import RANK_METADATA_KEY
 
 log = logging.getLogger("dprouter.requests")
+# Response metadata: why the request went to its rank.
+ROUTE_POLICY_METADATA_KEY = "x-route-policy"
+ROUTE_REASON_METADATA_KEY = "x-route-reason"
 # A cancel this close to the deadline counts as the deadline passing.
 DEADLINE_SLACK_S = 0.1
 if TYPE_CHECKING:  # generic only in the type stubs
@@ -144,7 +148,8 @@ class _Rpc:
                         {
                             "gen_ai.request.id": job.request_id,
                             "vllm.data_parallel_rank": job.rank,
-                            "dprouter.route_reason": job.route_reason,
+                            "dprouter.route.policy": job.route_policy,
+                            "dprouter.route.reason": job.route_reason,
                         }
                     )
                 log.info(
@@ -153,6 +158,7 @@ class _Rpc:
                         "method": self.method,
                         "request_id": job.request_id if job else client_request_id or None,
                         "rank": job.rank if job else None,
+                        "route": f"{job.route_policy}/{job.route_reason}" if job else None,
                         "status": code.name,
                         "prompt_tokens": outcome.prompt_tokens,
                         "completion_tokens": outcome.completion_tokens,
@@ -175,10 +181,19 @@ class _Rpc:
         returns the engine's stream."""
         job = outcome.job = self.dispatcher.prepare(request, _metadata(context))
         outcome.prompt_tokens = len(job.prompt_token_ids)
-        metadata = [(RANK_METADATA_KEY, str(job.rank)), ("x-request-id", job.request_id)]
+        metadata = [
+            (RANK_METADATA_KEY, str(job.rank)),
+            (ROUTE_POLICY_METADATA_KEY, job.route_policy),
+            (ROUTE_REASON_METADATA_KEY, job.route_reason),
+            ("x-request-id", job.request_id),
+        ]
         if (trace_id := tracing.trace_id(span)) is not None:
             metadata.append(("x-trace-id", trace_id))
-        await context.send_initial_metadata(metadata)
+        try:
+            await context.send_initial_metadata(metadata)
+        except BaseException:
+            self.dispatcher.release(job, Outcome.CANCELLED)
+            raise
         return job, self.dispatcher.run(
             job, tracing.outgoing_headers(span), context.time_remaining()
         )
@@ -252,26 +267,80 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             raise AssertionError("unreachable: abort raises") from e
 
 
+def _rank_status(load: RankLoad) -> ranks_pb2.RankStatus:
+    return ranks_pb2.RankStatus(
+        rank=load.rank,
+        state=_RANK_STATES[load.state],
+        in_flight=load.in_flight,
+        queued_prompt_tokens=load.queued_prompt_tokens,
+        waiting=load.waiting,
+        running=load.running,
+        kv_cache_usage=load.kv_cache_usage,
+        served=load.served,
+        failed=load.failed,
+        cancelled=load.cancelled,
+    )
+
+
 class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, health: RouterHealth) -> None:
         self._dispatcher = dispatcher
+        self._health = health
 
     async def ListRanks(
         self, request: ranks_pb2.ListRanksRequest, context: Context
     ) -> ranks_pb2.ListRanksResponse:
         return ranks_pb2.ListRanksResponse(
-            ranks=[
-                ranks_pb2.RankStatus(
-                    rank=load.rank,
-                    state=_RANK_STATES[load.state],
-                    in_flight=load.in_flight,
-                    waiting=load.waiting,
-                    running=load.running,
-                    kv_cache_usage=load.kv_cache_usage,
-                    served=load.served,
-                    failed=load.failed,
-                    cancelled=load.cancelled,
-                )
-                for load in self._dispatcher.loads()
-            ]
+            ranks=[_rank_status(load) for load in self._dispatcher.loads()]
         )
+
+    async def _set_state(self, rank: int, state: RankState, context: Context) -> RankLoad:
+        try:
+            load = self._dispatcher.set_rank_state(rank, state)
+        except RequestError as e:
+            await context.abort(e.code, e.message())
+            raise AssertionError("unreachable: abort raises") from e
+        await self._health.update(self._dispatcher.loads())
+        log.info("rank state changed", extra={"rank": rank, "state": state.value})
+        return load
+
+    async def DrainRank(
+        self, request: ranks_pb2.DrainRankRequest, context: Context
+    ) -> ranks_pb2.DrainRankResponse:
+        load = await self._set_state(request.rank, RankState.DRAINING, context)
+        return ranks_pb2.DrainRankResponse(status=_rank_status(load))
+
+    async def ResumeRank(
+        self, request: ranks_pb2.ResumeRankRequest, context: Context
+    ) -> ranks_pb2.ResumeRankResponse:
+        load = await self._set_state(request.rank, RankState.SERVING, context)
+        return ranks_pb2.ResumeRankResponse(status=_rank_status(load))
+
+    async def ExplainRoute(
+        self, request: ranks_pb2.ExplainRouteRequest, context: Context
+    ) -> ranks_pb2.ExplainRouteResponse:
+        try:
+            decision, prompt_tokens = self._dispatcher.explain(request.request, _metadata(context))
+        except RequestError as e:
+            await context.abort(e.code, e.message("request."))
+            raise AssertionError("unreachable: abort raises") from e
+        assert decision.rank is not None  # else explain raised UNAVAILABLE
+        response = ranks_pb2.ExplainRouteResponse(
+            rank=decision.rank,
+            policy=decision.policy,
+            reason=decision.reason,
+            scores=[
+                ranks_pb2.RankScore(
+                    rank=c.rank,
+                    score=c.score,
+                    prefix_match_tokens=c.prefix_match_tokens,
+                    within_load_bound=c.within_load_bound,
+                )
+                for c in decision.candidates
+            ],
+            prefix_match_tokens=decision.prefix_match_tokens,
+            prompt_tokens=prompt_tokens,
+        )
+        if decision.affinity_rank is not None:
+            response.affinity_rank = decision.affinity_rank
+        return response

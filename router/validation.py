@@ -51,14 +51,23 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class Pin:
+    """An explicit rank in the request, and where it was set."""
+
+    rank: int
+    field: str  # data_parallel_rank, or the x-data-parallel-rank metadata key
+
+
+@dataclass(frozen=True)
 class CheckedRequest:
     """A request whose fields passed every check that needs no tokenizer."""
 
     request_id: str
     prompt: Prompt
     sampling: generate_pb2.SamplingParams
-    rank_pin: int | None
+    rank_pin: Pin | None
     session_key: str
+    priority: int
 
 
 def _finite(field: str, value: float) -> float:
@@ -80,7 +89,7 @@ def _rank_pin(
     request: generate_pb2.GenerateRequest,
     metadata: Sequence[tuple[str, str | bytes]],
     limits: ModelLimits,
-) -> int | None:
+) -> Pin | None:
     pins: list[tuple[str, int]] = []
     if request.HasField("data_parallel_rank"):
         pins.append(("data_parallel_rank", request.data_parallel_rank))
@@ -102,7 +111,7 @@ def _rank_pin(
         raise invalid_argument(
             "data_parallel_rank", f"disagrees with the {RANK_METADATA_KEY} metadata"
         )
-    return pins[0][1] if pins else None
+    return Pin(pins[0][1], pins[0][0]) if pins else None
 
 
 def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Prompt:
@@ -192,6 +201,7 @@ def check_request(
         sampling=request.sampling,
         rank_pin=_rank_pin(request, metadata, limits),
         session_key=request.session_key,
+        priority=request.priority,
     )
 
 

@@ -111,6 +111,8 @@ class EngineClient:
         self.tokenizer: Any = llm.get_tokenizer()
         self.vocab_size: int = max(self.tokenizer.get_vocab().values()) + 1
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
+        # The KV block size; vLLM's prefix cache reuses whole blocks only.
+        self.block_size: int = llm.vllm_config.cache_config.block_size
 
     @classmethod
     def start(cls, engine_args: argparse.Namespace, in_process: bool = False) -> EngineClient:
@@ -139,9 +141,12 @@ class EngineClient:
         prompt_token_ids: list[int],
         params: EngineSamplingParams,
         rank: int,
+        priority: int,
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
-        """Streams the request's deltas; cancelling the iteration aborts it."""
+        """Streams the request's deltas; cancelling the iteration aborts it.
+        `priority` orders requests (lower first) on ranks that run vLLM's
+        priority scheduling; FCFS ranks ignore it."""
         # Already tokenized and checked by the router: hand the engine its own
         # input type, not a prompt for vLLM's renderer to process again.
         prompt = tokens_input(prompt_token_ids)
@@ -150,6 +155,7 @@ class EngineClient:
             params,
             request_id,
             trace_headers=trace_headers,
+            priority=priority,
             data_parallel_rank=rank,
         ):
             last = len(out.outputs) - 1

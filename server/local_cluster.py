@@ -50,6 +50,8 @@ class ClusterSpec:
             "-dp", str(self.ranks),
             "--data-parallel-address", "127.0.0.1",
             "--data-parallel-rpc-port", str(self.rpc_port),
+            # Prefix-affinity routing pays off only where vLLM reuses the KV blocks.
+            "--enable-prefix-caching",
             *self.engine_flags,
         ]  # fmt: skip
 

@@ -38,6 +38,7 @@ async def run(client: EngineClient, prompts: list[str], max_tokens: int) -> list
             client.encode(prompt),
             engine_sampling_params(greedy(max_tokens)),
             0,
+            0,
             None,
         ):
             ids.extend(delta.token_ids)

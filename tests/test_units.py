@@ -11,8 +11,6 @@ import pytest
 from dprouter.v1 import generate_pb2
 from router import validation
 from router.errors import RequestError, invalid_argument
-from router.policies import RoundRobin
-from router.ranks import RankLoad, RankState
 from router.wire import bad_field
 
 LIMITS = validation.ModelLimits(max_model_len=100, vocab_size=50, data_parallel_size=2)
@@ -28,9 +26,13 @@ def test_unset_rank_pin_is_not_rank_zero() -> None:
     checked = validation.check_request(generate_pb2.GenerateRequest(prompt="a"), (), LIMITS)
     assert checked.rank_pin is None
     pinned = generate_pb2.GenerateRequest(prompt="a", data_parallel_rank=0)
-    assert validation.check_request(pinned, (), LIMITS).rank_pin == 0
+    by_field = validation.Pin(0, "data_parallel_rank")
+    assert validation.check_request(pinned, (), LIMITS).rank_pin == by_field
     by_metadata = validation.check_request(pinned, [("x-data-parallel-rank", "0")], LIMITS)
-    assert by_metadata.rank_pin == 0
+    assert by_metadata.rank_pin == by_field
+    unpinned = generate_pb2.GenerateRequest(prompt="a")
+    by_key = validation.check_request(unpinned, [("x-data-parallel-rank", "1")], LIMITS)
+    assert by_key.rank_pin == validation.Pin(1, "x-data-parallel-rank")
 
 
 def test_request_ids_are_made_when_missing_and_kept_when_given() -> None:
@@ -111,19 +113,6 @@ def test_bad_field_walks_nested_and_repeated_fields() -> None:
     assert bad_field(b"\x0a\x10short", message) == "request"
     # Unknown fields are skipped, as protobuf itself does.
     assert bad_field(b"\xf8\x07\x01\x0a\x01a", message) is None
-
-
-def load(rank: int, state: RankState = RankState.SERVING) -> RankLoad:
-    return RankLoad(rank, state, 0, 0, 0, 0.0, 0, 0, 0)
-
-
-def test_round_robin_cycles_and_skips_ranks_not_serving() -> None:
-    policy = RoundRobin()
-    loads = [load(0), load(1), load(2)]
-    assert [policy.choose(loads) for _ in range(4)] == [0, 1, 2, 0]
-    loads[2] = load(2, RankState.DRAINING)
-    assert [policy.choose(loads) for _ in range(3)] == [1, 0, 1]
-    assert policy.choose([load(0, RankState.UNHEALTHY)]) is None
 
 
 def test_vllm_is_imported_in_one_module_only() -> None:
