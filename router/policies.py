@@ -17,9 +17,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
-import random
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,8 +112,8 @@ class LeastLoaded:
         """The least loaded of `candidates` (not empty), and the commit that
         moves the tie-break on."""
         n = len(candidates)
-        order = sorted(range(n), key=lambda i: (load_score(candidates[i]), (i - self._start) % n))
-        chosen = candidates[order[0]].rank
+        best = min(range(n), key=lambda i: (load_score(candidates[i]), (i - self._start) % n))
+        chosen = candidates[best].rank
 
         def commit() -> None:
             self._start = (self._start + 1) % n
@@ -151,37 +150,39 @@ class RoundRobin:
         return Decision(None, self.name, "no rank is serving", candidates)
 
 
+def _stable_hash(text: str) -> int:
+    """A hash that is the same in every process (Python's `hash` of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
 class PowerOfTwo:
     """The less loaded of two serving ranks drawn at random: near least-loaded
     balance at a constant cost however many ranks there are."""
 
     name = "power_of_two"
 
-    def __init__(self, seed: int | None = None) -> None:
-        self._rng = random.Random(seed)
+    def __init__(self, seed: int = 0) -> None:
+        self._seed = seed
+        self._draws = 0
 
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
         serving = _serving(loads)
         if not serving:
             return Decision(None, self.name, "no rank is serving", [])
-        # Draw from a copy, so a dry run (ExplainRoute) names the same two
-        # ranks as the next real request; commit moves the real generator on.
-        rng = random.Random()
-        rng.setstate(self._rng.getstate())
-        drawn = rng.sample(serving, min(2, len(serving)))
-        state = rng.getstate()
+        # The draw is a hash of a counter that only commit moves on, so a dry
+        # run (ExplainRoute) names the same two ranks as the next real request.
+        n = len(serving)
+        h = _stable_hash(f"{self._seed}:{self._draws}")
+        first = h % n
+        second = (first + 1 + (h // n) % (n - 1)) % n if n > 1 else first
+        drawn = [serving[first], serving[second]] if n > 1 else [serving[first]]
         best = min(drawn, key=load_score)
 
         def commit() -> None:
-            self._rng.setstate(state)
+            self._draws += 1
 
         candidates = [Candidate(load.rank, load_score(load)) for load in drawn]
         return Decision(best.rank, self.name, "less_loaded_of_two", candidates, commit=commit)
-
-
-def _stable_hash(text: str) -> int:
-    """A hash that is the same in every process (Python's `hash` of a str is not)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 class SessionAffinity:
@@ -205,15 +206,15 @@ class SessionAffinity:
         self._ring_hashes = [h for h, _ in points]
         self._ring_ranks = [rank for _, rank in points]
 
-    def ring_order(self, session_key: str) -> list[int]:
+    def ring_walk(self, session_key: str) -> Iterator[int]:
         """The ranks in the order the key's walk round the ring meets them."""
         start = bisect.bisect(self._ring_hashes, _stable_hash(session_key))
-        order: list[int] = []
+        seen: set[int] = set()
         for i in range(len(self._ring_ranks)):
             rank = self._ring_ranks[(start + i) % len(self._ring_ranks)]
-            if rank not in order:
-                order.append(rank)
-        return order
+            if rank not in seen:
+                seen.add(rank)
+                yield rank
 
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
         if not request.session_key:
@@ -232,7 +233,7 @@ class SessionAffinity:
             for load in serving
         ]
         home: int | None = None
-        for rank in self.ring_order(request.session_key):
+        for rank in self.ring_walk(request.session_key):
             load = by_rank.get(rank)
             if load is None:
                 continue

@@ -140,11 +140,12 @@ class EngineClient:
         request_id: str,
         prompt_token_ids: list[int],
         params: EngineSamplingParams,
-        rank: int,
+        rank: int | None,
         priority: int,
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
         """Streams the request's deltas; cancelling the iteration aborts it.
+        `rank` None leaves the choice to vLLM's own data-parallel balancer.
         `priority` orders requests (lower first) on ranks that run vLLM's
         priority scheduling; FCFS ranks ignore it."""
         # Already tokenized and checked by the router: hand the engine its own

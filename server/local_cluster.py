@@ -41,6 +41,8 @@ class ClusterSpec:
     env: dict[str, str] = field(default_factory=dict)
     # Where each process's output goes; None inherits the terminal.
     log_dir: Path | None = None
+    # False starts the rank servers alone, for another engine client to join.
+    with_router: bool = True
 
     def shared_flags(self) -> list[str]:
         """Flags the router and every rank must agree on."""
@@ -99,18 +101,21 @@ class LocalCluster:
                     env,
                 )
             )  # fmt: skip
-        self.router = self._spawn(
-            "router",
-            ["-m", "router", *spec.shared_flags(), "--listen", spec.listen, *spec.router_flags],
-            {},
-        )
+        if spec.with_router:
+            self.router = self._spawn(
+                "router",
+                ["-m", "router", *spec.shared_flags(), "--listen", spec.listen,
+                 *spec.router_flags],
+                {},
+            )  # fmt: skip
 
     @contextlib.contextmanager
     def serving(self, timeout: float) -> Iterator[LocalCluster]:
         """Starts the cluster, waits for SERVING, and stops it on leaving."""
         self.start()
         try:
-            self.wait_serving(timeout)
+            if self.spec.with_router:
+                self.wait_serving(timeout)
             yield self
         finally:
             self.stop()

@@ -221,6 +221,8 @@ async def test_explain_route_agrees_with_the_rank_generate_chooses(
     ]
     reasons = set()
     for req, metadata in cases:
+        # Idle engines: the loads (and so the choice) hold still between the calls.
+        await wait_for_idle_engines(ranks, timeout=60)
         explained = await explain(ranks, req, metadata)
         again = await explain(ranks, req, metadata)
         assert again == explained  # a dry run changes nothing
