@@ -16,7 +16,7 @@ LISTEN ?= 127.0.0.1:50051
 RANKS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: setup stubs models run test check clean
+.PHONY: setup stubs models run test check bench clean
 
 setup: $(STAMP)
 
@@ -57,11 +57,17 @@ run: $(STUBS) $(SMOLLM2)/config.json
 check: $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy router server tests clients/python/generate.py
+	$(VENV)/bin/mypy router server tests bench clients/python/generate.py
 	cd protos && ../$(VENV)/bin/buf lint
 
 test: $(STUBS) models check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks print markdown tables; run them on an otherwise idle machine.
+bench: $(STUBS) $(TINY)/config.json
+	$(PY) -m bench.routing cost
+	$(PY) -m bench.routing balance
+	$(PY) -m bench.routing prefix
 
 clean:
 	rm -rf $(VENV) $(STUBS_DIR) models .pytest_cache .mypy_cache .ruff_cache

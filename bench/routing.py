@@ -4,10 +4,12 @@
     python -m bench.routing balance   # skewed load on real engines, per policy
     python -m bench.routing prefix    # prefix-cache reuse on real engines
 
-`balance` and `prefix` start two tiny-model ranks per system (about 40 s each)
-and must run on an otherwise idle machine. The baseline "vllm balancer" is
-vLLM's own data-parallel load balancer: an engine client in this process that
-names no rank, joined to the same kind of rank servers.
+`balance` and `prefix` start two tiny-model rank servers once and hold the
+engine client in this process, with the router's own dispatcher (checks,
+policy, ledger) in front of it but no gRPC, so every system has the same
+front end and only the placement differs. The baseline "vllm balancer" is
+vLLM's own data-parallel load balancer: the same client naming no rank. The
+systems take turns, twice each; run on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from dprouter.v1 import generate_pb2
+from router.app import in_daemon_thread
+from router.dispatcher import Dispatcher
 from router.engine_types import Sampling
 from router.ledger import RankLoad, RankState
-from router.policies import POLICIES, RouteInput, make_policy
+from router.policies import DEFAULT_LOAD_FACTOR, POLICIES, RouteInput, make_policy
+from router.ranks import CoupledRanks
 from router.vllm_compat import (
     EngineClient,
     add_engine_args,
@@ -109,28 +112,25 @@ class Job:
 
 @dataclass
 class Result:
+    job: Job
     latency: float
-    rank: int | None
-    prompt_tokens: int
     cached_tokens: int
 
 
 Submit = Callable[[Job], Awaitable[Result]]
-Sample = Callable[[], Awaitable[list[int]]]  # per rank: engine waiting + running
 
 
-Run = tuple[list[Result], list[list[int]], float]
-
-
-async def drive(jobs: Sequence[Job], submit: Submit, sample: Sample) -> Run:
-    """Sends the jobs at their times (open loop) while sampling the ranks'
-    load every 50 ms; the results, the samples and the makespan."""
+async def drive(jobs: Sequence[Job], submit: Submit, client: EngineClient) -> tuple[
+    list[Result], list[list[int]]
+]:  # fmt: skip
+    """Sends the jobs at their times (open loop) while sampling the engines'
+    waiting + running per rank every 50 ms."""
     samples: list[list[int]] = []
     done = asyncio.Event()
 
     async def sampler() -> None:
         while not done.is_set():
-            samples.append(await sample())
+            samples.append([w + r for w, r, _ in client.engine_counts() or []])
             await asyncio.sleep(0.05)
 
     async def one(job: Job, start: float) -> Result:
@@ -140,103 +140,76 @@ async def drive(jobs: Sequence[Job], submit: Submit, sample: Sample) -> Run:
     sampling = asyncio.ensure_future(sampler())
     start = time.perf_counter()
     results = await asyncio.gather(*(one(job, start) for job in jobs))
-    makespan = time.perf_counter() - start
     done.set()
     await sampling
-    return list(results), samples, makespan
+    return list(results), samples
 
 
-def grpc_submit(generate: generate_pb2_grpc.GenerateServiceAsyncStub) -> Submit:
-    async def submit(job: Job) -> Result:
-        start = time.perf_counter()
-        request = generate_pb2.GenerateRequest(
-            prompt_token_ids=job.prompt,
-            session_key=job.session_key,
-            sampling=generate_pb2.SamplingParams(
-                max_tokens=job.max_tokens, temperature=0, ignore_eos=True
-            ),
-        )
-        rank = None
-        usage = generate_pb2.Usage()
-        async for response in generate.Generate(request):
-            if response.HasField("data_parallel_rank"):
-                rank = response.data_parallel_rank
-            if response.HasField("usage"):
-                usage = response.usage
-        return Result(time.perf_counter() - start, rank, usage.prompt_tokens, usage.cached_tokens)
-
-    return submit
-
-
-def grpc_sample(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> Sample:
-    async def sample() -> list[int]:
-        reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
-        return [r.waiting + r.running for r in reply.ranks]
-
-    return sample
-
-
-def greedy(max_tokens: int) -> Sampling:
-    return Sampling(
-        max_tokens=max_tokens, min_tokens=0, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
-        seed=None, stop=[], stop_token_ids=[], presence_penalty=0.0, frequency_penalty=0.0,
-        repetition_penalty=1.0, n=1, logprobs=None, ignore_eos=True, skip_special_tokens=True,
-    )  # fmt: skip
-
-
-def engine_submit(client: EngineClient) -> Submit:
+def submitter(system: str, client: EngineClient) -> Submit:
+    """Runs a job through the router's dispatcher with `system`'s policy, or
+    straight to the engine client with no rank for vLLM's balancer."""
     counter = iter(range(10**9))
+    pool = CoupledRanks(client)
+    dispatcher = Dispatcher()
+    if system != VLLM_BALANCER:
+        dispatcher.attach(pool, make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR))
 
     async def submit(job: Job) -> Result:
         start = time.perf_counter()
         cached = 0
-        params = engine_sampling_params(greedy(job.max_tokens))
-        async for delta in client.generate(f"b{next(counter)}", job.prompt, params, None, 0, None):
+        if system == VLLM_BALANCER:
+            params = engine_sampling_params(Sampling.greedy(job.max_tokens))
+            deltas = client.generate(f"b{next(counter)}", job.prompt, params, None, 0, None)
+        else:
+            request = generate_pb2.GenerateRequest(
+                prompt_token_ids=job.prompt,
+                session_key=job.session_key,
+                sampling=generate_pb2.SamplingParams(
+                    max_tokens=job.max_tokens, temperature=0, ignore_eos=True
+                ),
+            )
+            deltas = dispatcher.run(dispatcher.prepare(request, ()), None, None)
+        async for delta in deltas:
             cached = delta.cached_tokens
-        return Result(time.perf_counter() - start, None, len(job.prompt), cached)
+        return Result(job, time.perf_counter() - start, cached)
 
     return submit
 
 
-def engine_sample(client: EngineClient) -> Sample:
-    async def sample() -> list[int]:
-        return [w + r for w, r, _ in client.engine_counts() or []]
-
-    return sample
-
-
-async def on_cluster(system: str, spec: ClusterSpec, jobs: Sequence[Job]) -> Run:
-    """Runs the jobs through `system` (a dprouter policy or vLLM's balancer)."""
-    if system != VLLM_BALANCER:
-        spec.router_flags = ["--routing-policy", system]
-        with LocalCluster(spec).serving(timeout=600):
-            async with grpc.aio.insecure_channel(spec.listen) as channel:
-                submit = grpc_submit(generate_pb2_grpc.GenerateServiceStub(channel))
-                await submit(Job(0, [1, 2, 3], 2))  # warm up
-                return await drive(
-                    jobs, submit, grpc_sample(ranks_pb2_grpc.RanksServiceStub(channel))
-                )
-    spec.with_router = False
+async def compare(
+    args: argparse.Namespace,
+    jobs: Sequence[Job],
+    max_model_len: int,
+    engine_flags: Sequence[str] = (),
+) -> dict[str, list[tuple[list[Result], list[list[int]]]]]:
+    """Every system's runs of the jobs, in turns, on one pair of ranks."""
+    spec = ClusterSpec(
+        model=str(args.model), ranks=2, listen="", rpc_port=free_port(),
+        max_model_len=max_model_len, log_dir=Path(args.logs), with_router=False,
+    )  # fmt: skip
+    spec.engine_flags = [*spec.engine_flags, *engine_flags]
     parser = new_flexible_parser("bench engine client")
     add_engine_args(parser)
     engine_args = parser.parse_args(spec.shared_flags())
-    with LocalCluster(spec).serving(timeout=600):
-        client = await asyncio.to_thread(EngineClient.start, engine_args)
+    runs: dict[str, list[tuple[list[Result], list[list[int]]]]] = {s: [] for s in args.systems}
+    with LocalCluster(spec).serving(timeout=600) as cluster:
+        joining = in_daemon_thread(lambda: EngineClient.start(engine_args))
+        while not joining.done():  # a rank that dies would leave the join waiting forever
+            cluster.check_alive()
+            await asyncio.wait([joining], timeout=1)
+        client = joining.result()
         try:
-            submit = engine_submit(client)
-            await submit(Job(0, [1, 2, 3], 2))
-            return await drive(jobs, submit, engine_sample(client))
+            for round_ in range(args.rounds):
+                for system in args.systems:
+                    await client.reset_prefix_cache()
+                    submit = submitter(system, client)
+                    await submit(Job(0, [1, 2, 3], 2))  # warm up
+                    runs[system].append(await drive(jobs, submit, client))
+                    print(f"round {round_ + 1}: {system} done", flush=True)
+                    await asyncio.sleep(1)
         finally:
             client.shutdown()
-
-
-def spec_for(args: argparse.Namespace, engine_flags: Sequence[str] = ()) -> ClusterSpec:
-    spec = ClusterSpec(
-        model=str(args.model), ranks=2, listen=f"127.0.0.1:{free_port()}",
-        rpc_port=free_port(), max_model_len=8192, log_dir=Path(args.logs),
-    )  # fmt: skip
-    spec.engine_flags = [*spec.engine_flags, *engine_flags]
-    return spec
+    return runs
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -258,25 +231,27 @@ def skewed_jobs(seed: int, seconds: float, rate: float) -> list[Job]:
 def run_balance(args: argparse.Namespace) -> None:
     jobs = skewed_jobs(seed=1, seconds=args.seconds, rate=args.rate)
     rows = []
-    for system in args.systems:
-        results, samples, makespan = asyncio.run(on_cluster(system, spec_for(args), jobs))
-        busy = [s for s in samples if sum(s) > 0]
-        spread = sum(max(s) - min(s) for s in busy) / max(1, sum(sum(s) for s in busy) / 2)
-        latencies = [r.latency * 1000 for r in results]
-        shares = [sum(1 for r in results if r.rank == k) for k in range(2)]
+    for system, runs in asyncio.run(compare(args, jobs, 8192)).items():
+        results = [r for run, _ in runs for r in run]
+        busy = [s for _, samples in runs for s in samples if sum(s) > 0]
+        spread = statistics.mean(max(s) - min(s) for s in busy) / statistics.mean(
+            sum(s) / 2 for s in busy
+        )
+        short = [r.latency * 1000 for r in results if len(r.job.prompt) < 1000]
+        long = [r.latency * 1000 for r in results if len(r.job.prompt) >= 1000]
         rows.append([
-            system, f"{spread:.2f}", f"{statistics.mean(max(s) for s in busy):.1f}",
-            f"{percentile(latencies, 0.5):.0f}", f"{percentile(latencies, 0.99):.0f}",
-            f"{makespan:.1f}", "/".join(map(str, shares)) if results[0].rank is not None else "-",
+            system, f"{spread:.2f}", f"{percentile(short, 0.5):.0f}",
+            f"{percentile(short, 0.9):.0f}", f"{percentile(short, 0.99):.0f}",
+            f"{percentile(long, 0.5):.0f}",
         ])  # fmt: skip
-        print(rows[-1], flush=True)
-    long_jobs = sum(1 for j in jobs if len(j.prompt) > 1000)
-    print(f"\nBalance: {len(jobs)} requests over {args.seconds:.0f} s ({long_jobs} with "
-          "6,000-token prompts, the rest 16-64), 32 greedy tokens each, 2 ranks of the tiny model. "
-          "Spread: mean |rank 0 - rank 1| of the engines' waiting+running over the mean per "
-          "rank (0 is perfect), sampled every 50 ms.\n")  # fmt: skip
-    print(table(["system", "spread", "busiest rank (mean)", "latency p50 ms", "latency p99 ms",
-                 "makespan s", "requests per rank"], rows))  # fmt: skip
+    long_jobs = sum(1 for j in jobs if len(j.prompt) >= 1000)
+    print(f"\nBalance: {len(jobs)} requests arriving over {args.seconds:.0f} s ({long_jobs} "
+          "with 6,000-token prompts, the rest 16-64 tokens), 32 greedy tokens each, 2 ranks "
+          f"of the tiny model, {args.rounds} rounds per system. Spread: mean |rank 0 - rank 1| "
+          "of the engines' waiting + running over the mean per rank, sampled every 50 ms "
+          "(0 is even).\n")  # fmt: skip
+    print(table(["system", "spread", "short p50 ms", "short p90 ms", "short p99 ms",
+                 "long p50 ms"], rows))  # fmt: skip
 
 
 def prefix_jobs(seed: int, systems: int, requests: int, rate: float) -> list[Job]:
@@ -293,31 +268,30 @@ def prefix_jobs(seed: int, systems: int, requests: int, rate: float) -> list[Job
 
 def run_prefix(args: argparse.Namespace) -> None:
     jobs = prefix_jobs(seed=2, systems=args.system_prompts, requests=args.requests, rate=args.rate)
-    # A small KV cache per rank (blocks of 128 tokens): it holds about half of
-    # the system prompts, as a busy production cache would.
+    # A small KV cache per rank: it holds fewer system prompts than there
+    # are, as a busy production cache would.
     flags = ["--num-gpu-blocks-override", str(args.kv_blocks)]
     rows = []
-    for system in args.systems:
-        results, _, makespan = asyncio.run(on_cluster(system, spec_for(args, flags), jobs))
-        prompt = sum(r.prompt_tokens for r in results)
+    for system, runs in asyncio.run(compare(args, jobs, 2048, flags)).items():
+        results = [r for run, _ in runs for r in run]
+        prompt = sum(len(r.job.prompt) for r in results)
         cached = sum(r.cached_tokens for r in results)
         latencies = [r.latency * 1000 for r in results]
         rows.append([system, f"{cached / prompt:.1%}", f"{percentile(latencies, 0.5):.0f}",
-                     f"{percentile(latencies, 0.99):.0f}", f"{makespan:.1f}"])  # fmt: skip
-        print(rows[-1], flush=True)
+                     f"{percentile(latencies, 0.99):.0f}"])  # fmt: skip
     print(f"\nPrefix reuse: {len(jobs)} requests over {args.system_prompts} system prompts of "
-          f"{4 * BLOCK} tokens plus 20-60 user tokens, {args.kv_blocks} KV blocks of {BLOCK} "
-          "tokens per rank, 2 ranks of the tiny model. Cached: prompt tokens vLLM served "
-          "from its prefix cache.\n")  # fmt: skip
-    print(
-        table(["system", "cached tokens", "latency p50 ms", "latency p99 ms", "makespan s"], rows)
-    )
+          f"{4 * BLOCK} tokens plus 20-60 user tokens, 16 greedy tokens each; {args.kv_blocks} "
+          f"KV blocks of {BLOCK} tokens per rank; 2 ranks of the tiny model, {args.rounds} "
+          "rounds per system. Cached: prompt tokens vLLM served from its prefix "
+          "cache.\n")  # fmt: skip
+    print(table(["system", "cached tokens", "latency p50 ms", "latency p99 ms"], rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(TINY_MODEL))
     parser.add_argument("--logs", default="/tmp/dprouter-bench")
+    parser.add_argument("--rounds", type=int, default=2)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("cost").set_defaults(run=run_cost)
     balance = sub.add_parser("balance")

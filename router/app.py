@@ -36,7 +36,7 @@ log = logging.getLogger("dprouter")
 T = TypeVar("T")
 
 
-def _in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     """Runs a blocking call off the event loop in a thread that never keeps the
     process alive (a rank that never joins must not block shutdown)."""
     loop = asyncio.get_running_loop()
@@ -98,7 +98,7 @@ async def serve(config: RouterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    joining = _in_daemon_thread(lambda: EngineClient.start(config.engine_args))
+    joining = in_daemon_thread(lambda: EngineClient.start(config.engine_args))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
     if not joining.done():

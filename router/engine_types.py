@@ -26,6 +26,16 @@ class Sampling:
     ignore_eos: bool
     skip_special_tokens: bool
 
+    @classmethod
+    def greedy(cls, max_tokens: int) -> Sampling:
+        """Exactly max_tokens greedy tokens (references and benchmarks)."""
+        return cls(
+            max_tokens=max_tokens, min_tokens=0, temperature=0.0, top_p=1.0, top_k=0,
+            min_p=0.0, seed=None, stop=[], stop_token_ids=[], presence_penalty=0.0,
+            frequency_penalty=0.0, repetition_penalty=1.0, n=1, logprobs=None,
+            ignore_eos=True, skip_special_tokens=True,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class EngineTokenLogprob:

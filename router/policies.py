@@ -321,11 +321,14 @@ class PrefixAffinity:
         # The longest match; among equal matches, the least loaded.
         best = min(serving, key=lambda load: (-matches[load.rank], load_score(load)))
         home = best.rank if matches[best.rank] else None
-        if home is not None and best in within:
+        if home is None:  # nothing to stay near: the least loaded, bound or not
+            rank, tie_break = self._least_loaded.pick(serving)
+            reason = "prefix_miss"
+        elif best in within:
             rank, reason, tie_break = home, "prefix_hit", _nothing
         else:
-            rank, tie_break = self._least_loaded.pick(within or serving)
-            reason = "prefix_spill" if home is not None else "prefix_miss"
+            rank, tie_break = self._least_loaded.pick(within)
+            reason = "prefix_spill"
 
         def commit() -> None:
             tie_break()

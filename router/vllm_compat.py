@@ -186,5 +186,9 @@ class EngineClient:
             return None
         return [(int(w), int(r), float(kv)) for w, r, kv in counts]
 
+    async def reset_prefix_cache(self) -> None:
+        """Empties every rank's prefix cache (benchmarks start each system cold)."""
+        await self._llm.reset_prefix_cache()
+
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -123,15 +123,19 @@ class LocalCluster:
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [*self.ranks, *([self.router] if self.router else [])]
 
+    def check_alive(self) -> None:
+        """Raises if any process of the cluster has exited."""
+        for proc in self.processes():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+
     def wait_serving(self, timeout: float) -> None:
         """Blocks until the router's Health says SERVING; raises if a process died."""
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.spec.listen) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                for proc in self.processes():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+                self.check_alive()
                 try:
                     status = health.Check(
                         health_pb2.HealthCheckRequest(service=""), timeout=2

@@ -21,14 +21,6 @@ from router.vllm_compat import (
 )
 
 
-def greedy(max_tokens: int) -> Sampling:
-    return Sampling(
-        max_tokens=max_tokens, min_tokens=0, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
-        seed=None, stop=[], stop_token_ids=[], presence_penalty=0.0, frequency_penalty=0.0,
-        repetition_penalty=1.0, n=1, logprobs=None, ignore_eos=True, skip_special_tokens=True,
-    )  # fmt: skip
-
-
 async def run(client: EngineClient, prompts: list[str], max_tokens: int) -> list[list[int]]:
     outputs = []
     for i, prompt in enumerate(prompts):
@@ -36,7 +28,7 @@ async def run(client: EngineClient, prompts: list[str], max_tokens: int) -> list
         async for delta in client.generate(
             f"direct-{i}",
             client.encode(prompt),
-            engine_sampling_params(greedy(max_tokens)),
+            engine_sampling_params(Sampling.greedy(max_tokens)),
             0,
             0,
             None,
