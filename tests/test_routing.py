@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from tests.conftest import wait_for_idle_engines
+from tests.conftest import LONG_TOKENS, wait_for_idle_engines
 
 # vLLM's KV block size on CPU: its prefix cache reuses whole blocks of this many tokens.
 BLOCK = 128
@@ -126,9 +126,10 @@ async def test_a_hot_session_spills_to_the_other_rank_past_the_load_bound(
     await wait_for_idle_engines(ranks, timeout=60)
     routes = []
     for i in range(4):
-        call = generate.Generate(request(f"hot {i}", max_tokens=3000, session_key="hot"))
+        call = generate.Generate(request(f"hot {i}", max_tokens=LONG_TOKENS, session_key="hot"))
         long_streams.append(call)
-        await call.read()  # running on its rank
+        # The headers come once the request is routed. (Not the first token: a
+        # stream's messages were once all delivered at its end on this machine.)
         routes.append(route_of({k: str(v) for k, v in await call.initial_metadata()}))
     home = routes[0][0]
     # The bound is ceil(1.25 * (in flight + 1) / 2): the third concurrent
