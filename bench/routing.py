@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dprouter.v1 import generate_pb2
-from router.app import in_daemon_thread
 from router.dispatcher import Dispatcher
 from router.engine_types import Sampling
-from router.ledger import RankLoad, RankState
+from router.ledger import Ledger, RankLoad, RankState
+from router.membership import in_daemon_thread
 from router.policies import DEFAULT_LOAD_FACTOR, POLICIES, RouteInput, make_policy
 from router.ranks import CoupledRanks
 from router.vllm_compat import (
@@ -152,7 +152,9 @@ def submitter(system: str, client: EngineClient) -> Submit:
     pool = CoupledRanks(client)
     dispatcher = Dispatcher()
     if system != VLLM_BALANCER:
-        dispatcher.attach(pool, make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR))
+        dispatcher.attach(
+            pool, make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR), Ledger(2)
+        )
 
     async def submit(job: Job) -> Result:
         start = time.perf_counter()
@@ -186,11 +188,12 @@ async def compare(
     spec = ClusterSpec(
         model=str(args.model), ranks=2, listen="", rpc_port=free_port(),
         max_model_len=max_model_len, log_dir=Path(args.logs), with_router=False,
+        topology="coupled",
     )  # fmt: skip
     spec.engine_flags = [*spec.engine_flags, *engine_flags]
     parser = new_flexible_parser("bench engine client")
     add_engine_args(parser)
-    engine_args = parser.parse_args(spec.shared_flags())
+    engine_args = parser.parse_args(spec.router_engine_flags())
     runs: dict[str, list[tuple[list[Result], list[list[int]]]]] = {s: [] for s in args.systems}
     with LocalCluster(spec).serving(timeout=600) as cluster:
         joining = in_daemon_thread(lambda: EngineClient.start(engine_args))

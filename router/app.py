@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
-from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
@@ -25,33 +23,13 @@ from router import tracing
 from router.config import RouterConfig
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
-from router.ledger import RankState
-from router.policies import make_policy
-from router.ranks import CoupledRanks
+from router.membership import Membership
 from router.service import GenerateServicer, RanksServicer
-from router.vllm_compat import EngineClient
+from router.watchdog import Watchdog
 from router.wire import MalformedRequestInterceptor
 
 log = logging.getLogger("dprouter")
 T = TypeVar("T")
-
-
-def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
-    """Runs a blocking call off the event loop in a thread that never keeps the
-    process alive (a rank that never joins must not block shutdown)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def run() -> None:
-        try:
-            result = fn()
-        except BaseException as e:
-            loop.call_soon_threadsafe(future.set_exception, e)
-        else:
-            loop.call_soon_threadsafe(future.set_result, result)
-
-    threading.Thread(target=run, name="join-ranks", daemon=True).start()
-    return future
 
 
 def build_server(dispatcher: Dispatcher, health: RouterHealth) -> grpc.aio.Server:
@@ -98,33 +76,36 @@ async def serve(config: RouterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    joining = in_daemon_thread(lambda: EngineClient.start(config.engine_args))
+    membership = Membership(config, dispatcher, health)
+    membership.start()
     stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([joining, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-    if not joining.done():
+    joined = membership.first_join
+    await asyncio.wait([joined, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+    if not joined.done():
         log.info("stopped before the ranks joined")
         await server.stop(grace=None)
         return 0
-    if (error := joining.exception()) is not None:
+    if (error := joined.exception()) is not None:
         log.error("the ranks could not join", exc_info=error)
         await server.stop(grace=None)
         return 1
-    pool = CoupledRanks(joining.result())
-    ranks = pool.limits.data_parallel_size
-    policy = make_policy(config.routing_policy, ranks, pool.block_size, config.load_factor)
-    dispatcher.attach(pool, policy)
     await health.update(dispatcher.loads())
-    log.info("serving", extra={"ranks": ranks, "routing_policy": policy.name})
+
+    async def health_changed() -> None:
+        await health.update(dispatcher.loads())
+
+    watchdog = asyncio.ensure_future(Watchdog(dispatcher, health_changed, membership.replace).run())
 
     await stopping
     log.info("draining", extra={"grace_period_s": config.grace_period})
+    watchdog.cancel()
     await health.shutting_down()
-    for rank in range(ranks):
-        dispatcher.ledger.set_state(rank, RankState.DRAINING)
+    for rank in range(config.data_parallel_size):
+        dispatcher.ledger.set_drained(rank, True)
     if not await dispatcher.drain(config.grace_period):
         log.warning("grace period over; cancelling the remaining requests")
     await server.stop(grace=1.0)
-    pool.close()
+    membership.close()
     tracing.shutdown()
     log.info("stopped")
     return 0

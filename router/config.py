@@ -22,6 +22,7 @@ class RouterConfig:
     grace_period: float
     routing_policy: str
     load_factor: float
+    topology: str
     log_level: str
     engine_args: argparse.Namespace
 
@@ -47,6 +48,15 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         help="seconds that in-flight requests get to finish after SIGTERM",
     )
     router.add_argument(
+        "--topology",
+        choices=("independent", "coupled"),
+        default="independent",
+        help="independent: one engine client per rank, rank k joining on "
+        "--data-parallel-rpc-port + k as a data-parallel group of one (a dead rank "
+        "cannot stall the others); coupled: one client for all -dp ranks (vLLM's "
+        "multi-instance data parallelism, for models whose ranks step together)",
+    )
+    router.add_argument(
         "--routing-policy",
         choices=POLICIES,
         default="affinity",
@@ -70,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         grace_period=args.grace_period,
         routing_policy=args.routing_policy,
         load_factor=args.affinity_load_factor,
+        topology=args.topology,
         # vLLM's own --log-level sets the router's level too.
         log_level=getattr(args, "log_level", "info").upper(),
         engine_args=args,

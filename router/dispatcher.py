@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2
 
 from dprouter.v1 import generate_pb2
 from router import validation
@@ -20,7 +21,7 @@ from router.engine_types import EngineDelta
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, Outcome, RankLoad, RankState
 from router.policies import Candidate, Decision, Policy, RouteInput, load_score
-from router.ranks import RankPool
+from router.ranks import RankNotJoined, RankPool
 from router.vllm_compat import (
     EngineClientError,
     EngineDeadError,
@@ -29,13 +30,16 @@ from router.vllm_compat import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Job:
-    """A request ready for the engine."""
+    """A request ready for the engine. A retry on another rank (its first rank
+    failed before it produced anything) changes the rank, route and engine id."""
 
     request_id: str
     engine_request_id: str
     prompt_token_ids: list[int]
+    session_key: str
+    pinned: bool
     params: EngineSamplingParams
     priority: int
     rank: int
@@ -53,6 +57,12 @@ class _Admitted:
 
 
 PIN_POLICY = "pin"
+RETRY_REASON = "retry_after_rank_failure"
+
+
+def _engine_id(request_id: str) -> str:
+    """Engine ids must be unique among running requests; client ids need not be."""
+    return f"{request_id}.{uuid.uuid4().hex[:8]}"
 
 
 class Dispatcher:
@@ -66,9 +76,9 @@ class Dispatcher:
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
 
-    def attach(self, pool: RankPool, policy: Policy) -> None:
-        """The ranks have joined: route requests to them with `policy`."""
-        self.ledger = Ledger(pool.limits.data_parallel_size)
+    def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
+        """The ranks (some, at least) have joined: route with `policy`."""
+        self.ledger = ledger
         self.policy = policy
         self.pool = pool
 
@@ -147,19 +157,23 @@ class Dispatcher:
         checked = admitted.checked
         job = Job(
             request_id=checked.request_id,
-            # Engine ids must be unique among running requests; client ids need not be.
-            engine_request_id=f"{checked.request_id}.{uuid.uuid4().hex[:8]}",
+            engine_request_id=_engine_id(checked.request_id),
             prompt_token_ids=admitted.prompt_token_ids,
+            session_key=checked.session_key,
+            pinned=checked.rank_pin is not None,
             params=admitted.params,
             priority=checked.priority,
             rank=decision.rank,
             route_policy=decision.policy,
             route_reason=decision.reason,
         )
+        self._reserve(job)
+        return job
+
+    def _reserve(self, job: Job) -> None:
         self.ledger.reserve(job.engine_request_id, job.rank, len(job.prompt_token_ids))
         self._in_flight += 1
         self._idle.clear()
-        return job
 
     def release(self, job: Job, outcome: Outcome) -> None:
         """The job left its rank (idempotent)."""
@@ -168,21 +182,22 @@ class Dispatcher:
             if self._in_flight == 0:
                 self._idle.set()
 
-    def set_rank_state(self, rank: int, state: RankState) -> RankLoad:
+    def set_drained(self, rank: int, drained: bool) -> RankLoad:
         """Drains or resumes one rank; its load after the change."""
         ranks = self._pool().limits.data_parallel_size
         if not 0 <= rank < ranks:
             raise invalid_argument("rank", f"rank {rank} is outside [0, {ranks})")
-        self.ledger.set_state(rank, state)
+        self.ledger.set_drained(rank, drained)
         return self.loads()[rank]
 
     async def run(
         self, job: Job, trace_headers: Mapping[str, str] | None, deadline_s: float | None
     ) -> AsyncIterator[EngineDelta]:
-        """The job's deltas; engine failures become RequestErrors. At the
-        deadline the engine request is aborted by a timer, not by the consumer:
-        a handler blocked sending to a vanished client was seen to miss gRPC's
-        own cancellation for the whole generation."""
+        """The job's deltas; engine failures become RequestErrors. A job whose
+        rank fails before it produced anything is retried on another rank. At
+        the deadline the engine request is aborted by a timer, not by the
+        consumer: a handler blocked sending to a vanished client was seen to
+        miss gRPC's own cancellation for the whole generation."""
         pool = self.pool
         assert pool is not None
         expiry = None
@@ -190,27 +205,49 @@ class Dispatcher:
             loop = asyncio.get_running_loop()
             expiry = loop.call_later(max(deadline_s, 0.0), self._abort_in_background, job)
         outcome = Outcome.CANCELLED
+        delivered = 0  # tokens handed to the client
         try:
-            async for delta in pool.generate(
-                job.engine_request_id,
-                job.prompt_token_ids,
-                job.params,
-                job.rank,
-                job.priority,
-                trace_headers,
-            ):
-                self.ledger.prefilled(job.engine_request_id)
-                if delta.finished:
-                    outcome = Outcome.SERVED
-                yield delta
-        except EngineDeadError:
+            while True:
+                try:
+                    async for delta in pool.generate(
+                        job.engine_request_id,
+                        job.prompt_token_ids,
+                        job.params,
+                        job.rank,
+                        job.priority,
+                        trace_headers,
+                    ):
+                        self.ledger.prefilled(job.engine_request_id)
+                        if delta.finished:
+                            outcome = Outcome.SERVED
+                        delivered += len(delta.token_ids)
+                        yield delta
+                    break
+                except (EngineDeadError, RankNotJoined):
+                    if delivered or job.pinned:
+                        raise
+                    self._retry_elsewhere(job)
+        except (EngineDeadError, RankNotJoined):
             outcome = Outcome.FAILED
-            raise unavailable(f"the engine serving rank {job.rank} is dead") from None
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"rank {job.rank} failed after {delivered} tokens were delivered",
+                details=[
+                    error_details_pb2.ErrorInfo(
+                        reason="RANK_FAILED",
+                        domain="dprouter",
+                        metadata={"rank": str(job.rank), "delivered_tokens": str(delivered)},
+                    )
+                ],
+            ) from None
         except (EngineClientError, ValueError) as e:
             outcome = Outcome.FAILED
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the engine: {e}"
             ) from e
+        except RequestError:
+            outcome = Outcome.FAILED
+            raise
         except Exception as e:
             outcome = Outcome.FAILED
             raise RequestError(
@@ -223,14 +260,28 @@ class Dispatcher:
             if outcome is Outcome.CANCELLED:
                 # vLLM aborts a cancelled generate() itself; this also covers a
                 # consumer that stops iterating without cancelling.
-                await pool.abort(job.engine_request_id)
+                await pool.abort(job.engine_request_id, job.rank)
+
+    def _retry_elsewhere(self, job: Job) -> None:
+        """Moves a job that has produced nothing off its failed rank; raises
+        UNAVAILABLE when no rank serves."""
+        self.release(job, Outcome.FAILED)
+        assert self.policy is not None
+        route = RouteInput(job.prompt_token_ids, job.session_key)
+        decision = self.policy.decide(route, self.loads())
+        if decision.rank is None:
+            raise unavailable(f"rank {job.rank} failed and no other rank is serving")
+        decision.commit()
+        job.engine_request_id = _engine_id(job.request_id)
+        job.rank, job.route_policy, job.route_reason = decision.rank, decision.policy, RETRY_REASON
+        self._reserve(job)
 
     def _abort_in_background(self, job: Job) -> None:
         """Ends the job in its engine and counts it cancelled at once, even
         while its consumer is stuck (a send to a gone client)."""
         assert self.pool is not None
         self.release(job, Outcome.CANCELLED)
-        task = asyncio.ensure_future(self.pool.abort(job.engine_request_id))
+        task = asyncio.ensure_future(self.pool.abort(job.engine_request_id, job.rank))
         self._aborts.add(task)  # keep a reference until it is done
         task.add_done_callback(self._aborts.discard)
 

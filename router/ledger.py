@@ -66,16 +66,36 @@ class _Entry:
 
 
 class Ledger:
-    def __init__(self, ranks: int) -> None:
+    """A rank serves when it is healthy (the watchdog's call) and not drained
+    (the operator's call, or shutdown's)."""
+
+    def __init__(self, ranks: int, healthy: bool = True) -> None:
         self._counts = [_Counts() for _ in range(ranks)]
-        self._states = [RankState.SERVING] * ranks
+        self._healthy = [healthy] * ranks
+        self._drained = [False] * ranks
         self._entries: dict[str, _Entry] = {}  # by engine request id
 
-    def state(self, rank: int) -> RankState:
-        return self._states[rank]
+    @property
+    def ranks(self) -> int:
+        return len(self._counts)
 
-    def set_state(self, rank: int, state: RankState) -> None:
-        self._states[rank] = state
+    def state(self, rank: int) -> RankState:
+        if not self._healthy[rank]:
+            return RankState.UNHEALTHY
+        return RankState.DRAINING if self._drained[rank] else RankState.SERVING
+
+    def healthy(self, rank: int) -> bool:
+        return self._healthy[rank]
+
+    def set_healthy(self, rank: int, healthy: bool) -> None:
+        self._healthy[rank] = healthy
+
+    def set_drained(self, rank: int, drained: bool) -> None:
+        self._drained[rank] = drained
+
+    def on_rank(self, rank: int) -> list[str]:
+        """The engine request ids the router has on the rank."""
+        return [request_id for request_id, e in self._entries.items() if e.rank == rank]
 
     def reserve(self, request_id: str, rank: int, prompt_tokens: int) -> None:
         """A request was routed to `rank`."""
@@ -113,7 +133,7 @@ class Ledger:
         return [
             RankLoad(
                 rank=rank,
-                state=state,
+                state=self.state(rank),
                 in_flight=c.in_flight,
                 queued_prompt_tokens=c.queued_prompt_tokens,
                 waiting=report.waiting,
@@ -123,7 +143,5 @@ class Ledger:
                 failed=c.failed,
                 cancelled=c.cancelled,
             )
-            for rank, (c, state, report) in enumerate(
-                zip(self._counts, self._states, reports, strict=True)
-            )
+            for rank, (c, report) in enumerate(zip(self._counts, reports, strict=True))
         ]

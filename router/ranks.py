@@ -1,11 +1,16 @@
 """The pool of data-parallel ranks, engine side: generate on a rank, abort,
-report what the engines say about their load.
+probe, report what the engines say about their load.
 
-The rest of the router sees ranks only through `RankPool`, so a topology is a
-class here. Today there is one, `CoupledRanks`: one vLLM engine client for all
-ranks, the pattern of vLLM's multi-instance data-parallel example. The ranks
-run in rank servers on any host and join the router over vLLM's
-data-parallel RPC port. The router's own per-rank counts live in `ledger.py`.
+The rest of the router sees ranks only through `RankPool`; a topology is a
+class here:
+- `IndependentRanks` (the default): one vLLM engine client per rank, each rank
+  a data-parallel group of one on its own port. A dead rank cannot stall the
+  others, and it can be replaced alone.
+- `CoupledRanks`: one engine client for all ranks (`data_parallel_size=N`),
+  vLLM's multi-instance data-parallel pattern, needed where the ranks must
+  step together (MoE / expert parallel). The group lives and dies as one.
+Ranks run in rank servers on any host and join the router over vLLM's
+data-parallel RPC. The router's own per-rank counts live in `ledger.py`.
 """
 
 from __future__ import annotations
@@ -41,32 +46,40 @@ class RankPool(Protocol):
         """Streams the request on `rank`; cancelling the iteration aborts it."""
         ...
 
-    async def abort(self, request_id: str) -> None: ...
+    async def abort(self, request_id: str, rank: int) -> None: ...
 
-    def engine_loads(self) -> list[EngineLoad] | None:
-        """Each rank's load as its engine reports it; None if they report none."""
+    async def probe(self, rank: int) -> None:
+        """Returns once the rank's engine has run one token; hangs if it cannot."""
+        ...
+
+    async def fail(self, rank: int) -> None:
+        """Ends the requests running on a failed rank with EngineDeadError
+        (with the coupled topology: on every rank, which fail together)."""
+        ...
+
+    def engine_loads(self) -> list[EngineLoad]:
+        """Each rank's load as its engine last reported it."""
         ...
 
     def close(self) -> None: ...
 
 
-class CoupledRanks:
-    """All ranks behind one `AsyncLLM` with data_parallel_size=N.
+def _limits(client: EngineClient, ranks: int) -> ModelLimits:
+    return ModelLimits(
+        max_model_len=client.max_model_len,
+        vocab_size=client.vocab_size,
+        data_parallel_size=ranks,
+        max_logprobs=client.max_logprobs,
+    )
 
-    vLLM routes each request to the rank we name (`data_parallel_rank`), and
-    its data-parallel coordinator reports each engine's waiting and running
-    counts. The whole group shares one client: if that client fails, every
-    rank fails with it.
-    """
+
+class CoupledRanks:
+    """All ranks behind one `AsyncLLM` with data_parallel_size=N; vLLM sends
+    each request to the rank we name (`data_parallel_rank`)."""
 
     def __init__(self, client: EngineClient) -> None:
         self._client = client
-        self.limits = ModelLimits(
-            max_model_len=client.max_model_len,
-            vocab_size=client.vocab_size,
-            data_parallel_size=client.data_parallel_size,
-            max_logprobs=client.max_logprobs,
-        )
+        self.limits = _limits(client, client.data_parallel_size)
         self.block_size = client.block_size
 
     def encode(self, text: str) -> list[int]:
@@ -88,14 +101,92 @@ class CoupledRanks:
             request_id, prompt_token_ids, params, rank, priority, trace_headers
         )
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, rank: int) -> None:
         await self._client.abort(request_id)
 
-    def engine_loads(self) -> list[EngineLoad] | None:
-        counts = self._client.engine_counts()
-        if counts is None:
-            return None
-        return [EngineLoad(w, r, kv) for w, r, kv in counts]
+    async def probe(self, rank: int) -> None:
+        await self._client.probe(rank)
+
+    async def fail(self, rank: int) -> None:
+        await self._client.fail_all()
+
+    def engine_loads(self) -> list[EngineLoad]:
+        return [EngineLoad(w, r, kv) for w, r, kv in self._client.engine_counts()]
 
     def close(self) -> None:
         self._client.shutdown()
+
+
+class RankNotJoined(Exception):
+    """The rank has no engine client (not joined yet, or being replaced)."""
+
+
+class IndependentRanks:
+    """One `AsyncLLM` per rank (data_parallel_size=1 each). Ranks join one by
+    one (`join`) and can be replaced alone (`leave`, then `join` again)."""
+
+    def __init__(self, ranks: int, rank: int, client: EngineClient) -> None:
+        self._clients: list[EngineClient | None] = [None] * ranks
+        self._clients[rank] = client
+        self.limits = _limits(client, ranks)
+        self.block_size = client.block_size
+
+    def join(self, rank: int, client: EngineClient) -> None:
+        """Adds a rank's client; it must serve the same model as the others."""
+        if _limits(client, len(self._clients)) != self.limits:
+            raise ValueError(f"rank {rank} serves a different model: {_limits(client, 1)}")
+        self._clients[rank] = client
+
+    def leave(self, rank: int) -> EngineClient | None:
+        """Forgets a rank's client (to shut it down and replace it)."""
+        client, self._clients[rank] = self._clients[rank], None
+        return client
+
+    def _any(self) -> EngineClient:
+        return next(c for c in self._clients if c is not None)
+
+    def _client(self, rank: int) -> EngineClient:
+        client = self._clients[rank]
+        if client is None:
+            raise RankNotJoined(f"rank {rank} has not joined")
+        return client
+
+    def encode(self, text: str) -> list[int]:
+        return self._any().encode(text)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._any().render_chat(messages)
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: EngineSamplingParams,
+        rank: int,
+        priority: int,
+        trace_headers: Mapping[str, str] | None,
+    ) -> AsyncIterator[EngineDelta]:
+        client = self._client(rank)
+        return client.generate(request_id, prompt_token_ids, params, None, priority, trace_headers)
+
+    async def abort(self, request_id: str, rank: int) -> None:
+        client = self._clients[rank]
+        if client is not None:
+            await client.abort(request_id)
+
+    async def probe(self, rank: int) -> None:
+        await self._client(rank).probe(None)
+
+    async def fail(self, rank: int) -> None:
+        await self._client(rank).fail_all()
+
+    def engine_loads(self) -> list[EngineLoad]:
+        return [
+            EngineLoad(*client.engine_counts()[0]) if client is not None else EngineLoad()
+            for client in self._clients
+        ]
+
+    def close(self) -> None:
+        for rank in range(len(self._clients)):
+            if (client := self.leave(rank)) is not None:
+                client.shutdown()

@@ -39,6 +39,11 @@ def _metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:
     return tuple(context.invocation_metadata() or ())
 
 
+async def _abort(context: Context, error: RequestError, message: str) -> None:
+    """Ends the RPC with the error's status, message and rich details."""
+    await context.abort(error.code, message, trailing_metadata=error.trailers(message))
+
+
 def _check_deadline(context: Context) -> None:
     """gRPC cancels a handler at its deadline, but a streaming handler was seen
     to miss that for seconds on a busy machine; checking each delta makes the
@@ -232,7 +237,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                         response.usage.CopyFrom(_usage(outcome))
                     yield response
         except RequestError as e:
-            await context.abort(e.code, self._generate.message(e))
+            await _abort(context, e, self._generate.message(e))
 
     async def Complete(
         self, request: generate_pb2.CompleteRequest, context: Context
@@ -263,7 +268,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                     request_id=job.request_id,
                 )
         except RequestError as e:
-            await context.abort(e.code, self._complete.message(e))
+            await _abort(context, e, self._complete.message(e))
             raise AssertionError("unreachable: abort raises") from e
 
 
@@ -294,26 +299,26 @@ class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
             ranks=[_rank_status(load) for load in self._dispatcher.loads()]
         )
 
-    async def _set_state(self, rank: int, state: RankState, context: Context) -> RankLoad:
+    async def _set_drained(self, rank: int, drained: bool, context: Context) -> RankLoad:
         try:
-            load = self._dispatcher.set_rank_state(rank, state)
+            load = self._dispatcher.set_drained(rank, drained)
         except RequestError as e:
-            await context.abort(e.code, e.message())
+            await _abort(context, e, e.message())
             raise AssertionError("unreachable: abort raises") from e
         await self._health.update(self._dispatcher.loads())
-        log.info("rank state changed", extra={"rank": rank, "state": state.value})
+        log.info("rank drained" if drained else "rank resumed", extra={"rank": rank})
         return load
 
     async def DrainRank(
         self, request: ranks_pb2.DrainRankRequest, context: Context
     ) -> ranks_pb2.DrainRankResponse:
-        load = await self._set_state(request.rank, RankState.DRAINING, context)
+        load = await self._set_drained(request.rank, True, context)
         return ranks_pb2.DrainRankResponse(status=_rank_status(load))
 
     async def ResumeRank(
         self, request: ranks_pb2.ResumeRankRequest, context: Context
     ) -> ranks_pb2.ResumeRankResponse:
-        load = await self._set_state(request.rank, RankState.SERVING, context)
+        load = await self._set_drained(request.rank, False, context)
         return ranks_pb2.ResumeRankResponse(status=_rank_status(load))
 
     async def ExplainRoute(
@@ -322,7 +327,7 @@ class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
         try:
             decision, prompt_tokens = self._dispatcher.explain(request.request, _metadata(context))
         except RequestError as e:
-            await context.abort(e.code, e.message("request."))
+            await _abort(context, e, e.message("request."))
             raise AssertionError("unreachable: abort raises") from e
         assert decision.rank is not None  # else explain raised UNAVAILABLE
         response = ranks_pb2.ExplainRouteResponse(

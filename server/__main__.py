@@ -52,11 +52,20 @@ def main() -> int:
     parser = make_rank_server_parser(
         "dprouter rank server: one headless vLLM data-parallel rank that joins a router"
     )
+    parser.add_argument(
+        "--router-rank",
+        type=int,
+        help="this rank's number at the router, for the logs (default: -dpr); "
+        "independent ranks are each rank 0 of a group of one",
+    )
     args = parser.parse_args()
     logs.setup()
     host = args.data_parallel_address or "127.0.0.1"
     port = args.data_parallel_rpc_port
-    rank = args.data_parallel_start_rank or 0  # what -dpr sets in vLLM 0.32
+    rank = args.router_rank
+    if rank is None:
+        rank = args.data_parallel_start_rank or 0  # what -dpr sets in vLLM 0.32
+    del args.router_rank  # not a vLLM flag
     args.data_parallel_address = host
     log.info(
         "rank starting; waiting for the router",

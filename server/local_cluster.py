@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # What the tests and `make run` give every engine on a small CPU machine.
@@ -43,18 +44,40 @@ class ClusterSpec:
     log_dir: Path | None = None
     # False starts the rank servers alone, for another engine client to join.
     with_router: bool = True
+    # "independent" (a client per rank) or "coupled" (one client, -dp N); see router/ranks.py.
+    topology: str = "independent"
 
-    def shared_flags(self) -> list[str]:
-        """Flags the router and every rank must agree on."""
+    def engine_flags_common(self) -> list[str]:
+        """Engine flags the router and every rank must agree on."""
         return [
             "--model", self.model,
             "--max-model-len", str(self.max_model_len),
-            "-dp", str(self.ranks),
             "--data-parallel-address", "127.0.0.1",
-            "--data-parallel-rpc-port", str(self.rpc_port),
             # Prefix-affinity routing pays off only where vLLM reuses the KV blocks.
             "--enable-prefix-caching",
             *self.engine_flags,
+        ]  # fmt: skip
+
+    def router_engine_flags(self) -> list[str]:
+        """The engine flags of the router (or of any client holding all ranks)."""
+        return [
+            *self.engine_flags_common(),
+            "-dp", str(self.ranks),
+            "--data-parallel-rpc-port", str(self.rpc_port),
+        ]  # fmt: skip
+
+    def rank_flags(self, rank: int) -> list[str]:
+        """A rank server's flags: with independent ranks, a data-parallel group
+        of one on port rpc_port + rank; coupled, rank `rank` of -dp N."""
+        group = (
+            ["-dp", "1", "-dpr", "0", "--data-parallel-rpc-port", str(self.rpc_port + rank)]
+            if self.topology == "independent"
+            else ["-dp", str(self.ranks), "-dpr", str(rank),
+                  "--data-parallel-rpc-port", str(self.rpc_port)]
+        )  # fmt: skip
+        return [
+            *self.engine_flags_common(), *group,
+            "--data-parallel-size-local", "1", "--router-rank", str(rank),
         ]  # fmt: skip
 
 
@@ -81,31 +104,26 @@ class LocalCluster:
             start_new_session=True,
         )
 
+    def _spawn_rank(self, rank: int, name: str) -> subprocess.Popen[bytes]:
+        cores = os.cpu_count() or 1
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            # One core per rank where the machine has them (vLLM's CPU
+            # backend otherwise puts every rank's worker on the same cores).
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
+                "VLLM_CPU_OMP_THREADS_BIND", str(rank % cores)
+            ),
+        }
+        return self._spawn(name, ["-m", "server", *self.spec.rank_flags(rank)], env)
+
     def start(self) -> None:
         spec = self.spec
-        cores = os.cpu_count() or 1
-        for rank in range(spec.ranks):
-            env = {
-                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                # One core per rank where the machine has them (vLLM's CPU
-                # backend otherwise puts every rank's worker on the same cores).
-                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
-                    "VLLM_CPU_OMP_THREADS_BIND", str(rank % cores)
-                ),
-            }
-            self.ranks.append(
-                self._spawn(
-                    f"rank{rank}",
-                    ["-m", "server", *spec.shared_flags(), "-dpr", str(rank),
-                     "--data-parallel-size-local", "1"],
-                    env,
-                )
-            )  # fmt: skip
+        self.ranks = [self._spawn_rank(rank, f"rank{rank}") for rank in range(spec.ranks)]
         if spec.with_router:
             self.router = self._spawn(
                 "router",
-                ["-m", "router", *spec.shared_flags(), "--listen", spec.listen,
-                 *spec.router_flags],
+                ["-m", "router", *spec.router_engine_flags(), "--topology", spec.topology,
+                 "--listen", spec.listen, *spec.router_flags],
                 {},
             )  # fmt: skip
 
@@ -120,6 +138,20 @@ class LocalCluster:
         finally:
             self.stop()
 
+    def restart_rank(self, rank: int) -> None:
+        """Stops a rank server (if it still runs) and starts it again."""
+        old = self.ranks[rank]
+        _signal_group(old, signal.SIGKILL)
+        old.wait()
+        self.ranks[rank] = self._spawn_rank(rank, f"rank{rank}-restarted")
+
+    def engine_process(self, rank: int) -> psutil.Process:
+        """The rank's vLLM engine-core process (a child of its rank server)."""
+        for child in psutil.Process(self.ranks[rank].pid).children(recursive=True):
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+        raise LookupError(f"rank {rank} has no engine process")
+
     def processes(self) -> list[subprocess.Popen[bytes]]:
         return [*self.ranks, *([self.router] if self.router else [])]
 
@@ -130,22 +162,26 @@ class LocalCluster:
                 raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
 
     def wait_serving(self, timeout: float) -> None:
-        """Blocks until the router's Health says SERVING; raises if a process died."""
+        """Blocks until the router's Health says SERVING for the router and for
+        every rank (the router serves as soon as one rank has joined); raises
+        if a process died."""
+        names = ["", *(f"rank/{rank}" for rank in range(self.spec.ranks))]
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.spec.listen) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self.check_alive()
                 try:
-                    status = health.Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=2
-                    ).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
+                    if all(
+                        health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                        for name in names
+                    ):
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.5)
-        raise TimeoutError(f"the router was not SERVING after {timeout:.0f} s")
+        raise TimeoutError(f"the router and its ranks were not SERVING after {timeout:.0f} s")
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to every process group (router first), SIGKILL to what remains.
@@ -190,6 +226,7 @@ def main() -> int:
     parser.add_argument("--listen", default="127.0.0.1:50051")
     parser.add_argument("--rpc-port", type=int, default=13345)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--topology", choices=("independent", "coupled"), default="independent")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
     args = parser.parse_args()
     # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned.
@@ -201,6 +238,7 @@ def main() -> int:
             listen=args.listen,
             rpc_port=args.rpc_port,
             max_model_len=args.max_model_len,
+            topology=args.topology,
         )
     )
     try:

@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from router.policies import SessionAffinity
 from tests.conftest import LONG_TOKENS, wait_for_idle_engines
 
 # vLLM's KV block size on CPU: its prefix cache reuses whole blocks of this many tokens.
@@ -81,28 +82,39 @@ async def test_a_session_key_keeps_its_requests_on_one_rank(
     assert set(homes.values()) == {0, 1}, homes
 
 
+def keys_homed_on(rank: int, count: int) -> list[str]:
+    """Session keys whose ring home is `rank` (as the router's own policy computes it)."""
+    ring = SessionAffinity(2)
+    keys = (f"key-{i}" for i in range(1000))
+    return [k for k in keys if next(ring.ring_walk(k)) == rank][:count]
+
+
 async def test_a_shared_prefix_goes_to_the_rank_that_cached_it(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
 ) -> None:
-    first_ranks = set()
     for system in range(4):
+        # The first request of a conversation carries a session key homed on
+        # rank system % 2; the rest carry none and follow the cached prefix.
+        home = system % 2
+        key = keys_homed_on(home, 4)[system]
         prefix = token_prompt(1000 + system, 3 * BLOCK)
-        _, metadata = await routed(generate, request([*prefix, *token_prompt(system, 9)]))
-        rank, _, reason = route_of(metadata)
-        assert reason == "prefix_miss"
-        first_ranks.add(rank)
+        first = request([*prefix, *token_prompt(system, 9)], session_key=key)
+        _, metadata = await routed(generate, first)
+        assert route_of(metadata) == (home, "affinity", "session_home")
         for turn in range(2):
             follow_up = request([*prefix, *token_prompt(100 * system + turn, 20)])
             responses, metadata = await routed(generate, follow_up)
-            assert route_of(metadata) == (rank, "affinity", "prefix_hit")
+            assert route_of(metadata) == (home, "affinity", "prefix_hit")
             # vLLM itself reports the prefix as served from its cache.
             assert responses[-1].usage.cached_tokens == 3 * BLOCK
         # The other rank never saw the prefix: pinned there, nothing is cached.
-        pinned = request([*prefix, 5], data_parallel_rank=1 - rank)
+        pinned = request([*prefix, 5], data_parallel_rank=1 - home)
         responses, metadata = await routed(generate, pinned)
-        assert route_of(metadata) == (1 - rank, "pin", "data_parallel_rank")
+        assert route_of(metadata) == (1 - home, "pin", "data_parallel_rank")
         assert responses[-1].usage.cached_tokens == 0
-    assert first_ranks == {0, 1}
+    # With no key and no cached prefix, a request is a miss.
+    _, metadata = await routed(generate, request(token_prompt(99, 2 * BLOCK)))
+    assert route_of(metadata)[1:] == ("affinity", "prefix_miss")
 
 
 @pytest.fixture

@@ -1,0 +1,138 @@
+"""How ranks join the router, and how an independent rank joins again.
+
+Creating a vLLM engine client blocks until its ranks have done their
+handshake, so every client is made in a daemon thread (a rank that never
+joins must not keep the router alive). With the coupled topology one client
+joins all ranks at once. With independent ranks each rank has its own client
+on its own port (the base `--data-parallel-rpc-port` + the rank): the router
+serves as soon as one rank has joined, and a rank that failed is given a new
+client, which waits for the rank server to come back (vLLM's old client for
+a restarted engine stays stuck: measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from router.config import RouterConfig
+from router.dispatcher import Dispatcher
+from router.health import RouterHealth
+from router.ledger import Ledger
+from router.policies import make_policy
+from router.ranks import CoupledRanks, IndependentRanks, RankPool
+from router.vllm_compat import EngineClient, rank_group_args
+
+log = logging.getLogger("dprouter")
+T = TypeVar("T")
+
+
+def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Runs a blocking call off the event loop in a thread that never keeps the
+    process alive."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:
+            loop.call_soon_threadsafe(future.set_exception, e)
+        else:
+            loop.call_soon_threadsafe(future.set_result, result)
+
+    threading.Thread(target=run, name="join-ranks", daemon=True).start()
+    return future
+
+
+class Membership:
+    def __init__(self, config: RouterConfig, dispatcher: Dispatcher, health: RouterHealth) -> None:
+        self._config = config
+        self._dispatcher = dispatcher
+        self._health = health
+        self._ranks = config.data_parallel_size
+        self._joining: dict[int, asyncio.Future[EngineClient]] = {}
+        self._updates: set[asyncio.Future[None]] = set()
+        self.first_join: asyncio.Future[RankPool] = asyncio.get_running_loop().create_future()
+
+    @property
+    def independent(self) -> bool:
+        return self._config.topology == "independent"
+
+    def start(self) -> None:
+        """Starts every rank's join; `first_join` resolves when the router can serve."""
+        if self.independent:
+            for rank in range(self._ranks):
+                self._join(rank)
+        else:
+            joining = in_daemon_thread(lambda: EngineClient.start(self._config.engine_args))
+            joining.add_done_callback(self._coupled_joined)
+
+    def _coupled_joined(self, joining: asyncio.Future[EngineClient]) -> None:
+        if (error := joining.exception()) is not None:
+            self.first_join.set_exception(error)
+            return
+        pool = CoupledRanks(joining.result())
+        self._attach(pool, Ledger(self._ranks))
+
+    def _attach(self, pool: RankPool, ledger: Ledger) -> None:
+        policy = make_policy(
+            self._config.routing_policy, self._ranks, pool.block_size, self._config.load_factor
+        )
+        self._dispatcher.attach(pool, policy, ledger)
+        log.info("serving", extra={"ranks": self._ranks, "routing_policy": policy.name})
+        self.first_join.set_result(pool)
+
+    def _join(self, rank: int) -> None:
+        port = self._config.engine_args.data_parallel_rpc_port + rank
+        args = rank_group_args(self._config.engine_args, port)
+        log.info("waiting for a rank to join", extra={"rank": rank, "port": port})
+        joining = in_daemon_thread(lambda: EngineClient.start(args))
+        self._joining[rank] = joining
+        joining.add_done_callback(lambda done: self._joined(rank, done))
+
+    def _joined(self, rank: int, joining: asyncio.Future[EngineClient]) -> None:
+        self._joining.pop(rank, None)
+        if (error := joining.exception()) is not None:
+            log.error("rank could not join", extra={"rank": rank}, exc_info=error)
+            if not self.first_join.done() and not self._joining:
+                self.first_join.set_exception(error)
+            return
+        client = joining.result()
+        pool = self._dispatcher.pool
+        if pool is None:
+            ledger = Ledger(self._ranks, healthy=False)
+            ledger.set_healthy(rank, True)
+            self._attach(IndependentRanks(self._ranks, rank, client), ledger)
+        else:
+            assert isinstance(pool, IndependentRanks)
+            try:
+                pool.join(rank, client)
+            except ValueError:
+                log.exception("rank refused", extra={"rank": rank})
+                client.shutdown()
+                return
+            self._dispatcher.ledger.set_healthy(rank, True)
+        log.info("rank joined", extra={"rank": rank})
+        update = asyncio.ensure_future(self._health.update(self._dispatcher.loads()))
+        self._updates.add(update)  # keep a reference until it is done
+        update.add_done_callback(self._updates.discard)
+
+    def replace(self, rank: int) -> bool:
+        """Gives a failed independent rank a new engine client that waits for
+        the rank server to join again; False where that cannot be done."""
+        pool = self._dispatcher.pool
+        if not isinstance(pool, IndependentRanks) or rank in self._joining:
+            return False
+        old = pool.leave(rank)
+        if old is not None:
+            old.shutdown()
+        self._join(rank)
+        return True
+
+    def close(self) -> None:
+        if (pool := self._dispatcher.pool) is not None:
+            pool.close()

@@ -1,0 +1,189 @@
+"""A rank that hangs or dies: detection within 5 s, failover, re-admission.
+
+These tests break ranks on purpose, so they run on a cluster of their own
+(independent topology, tiny model), started for this module only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from server.local_cluster import ClusterSpec, LocalCluster
+from tests.conftest import TINY_MAX_MODEL_LEN, TINY_MODEL, free_port
+from tests.test_routing import keys_homed_on, request, route_of, routed
+
+DETECTION_BOUND_S = 5.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def broken_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = ClusterSpec(
+        model=str(TINY_MODEL),
+        ranks=2,
+        listen=f"127.0.0.1:{free_port()}",
+        rpc_port=free_port(),
+        max_model_len=TINY_MAX_MODEL_LEN,
+        router_flags=["--grace-period", "5"],
+        log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("failover")))
+        / "failover",
+    )
+    with LocalCluster(spec).serving(timeout=300) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def stubs(
+    broken_cluster: LocalCluster,
+) -> AsyncIterator[
+    tuple[
+        generate_pb2_grpc.GenerateServiceAsyncStub,
+        ranks_pb2_grpc.RanksServiceAsyncStub,
+        health_pb2_grpc.HealthStub,
+    ]
+]:
+    async with grpc.aio.insecure_channel(broken_cluster.spec.listen) as channel:
+        yield (
+            generate_pb2_grpc.GenerateServiceStub(channel),
+            ranks_pb2_grpc.RanksServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+
+async def wait_health(
+    health: health_pb2_grpc.HealthStub, name: str, status: int, timeout: float
+) -> float:
+    """Seconds until the Health name reports `status`, watched with Watch."""
+    start = time.monotonic()
+    call = health.Watch(health_pb2.HealthCheckRequest(service=name))
+    try:
+        async with asyncio.timeout(timeout):
+            async for reply in call:
+                if reply.status == status:
+                    return time.monotonic() - start
+    finally:
+        call.cancel()
+    raise AssertionError(f"{name} never became {status}")
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo in the rich status trailer."""
+    trailers: dict[str, bytes] = dict(error.trailing_metadata() or ())  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmitted(
+    broken_cluster: LocalCluster,
+    stubs: tuple[
+        generate_pb2_grpc.GenerateServiceAsyncStub,
+        ranks_pb2_grpc.RanksServiceAsyncStub,
+        health_pb2_grpc.HealthStub,
+    ],
+) -> None:
+    generate, ranks, health = stubs
+    await wait_health(health, "rank/1", SERVING, timeout=30)
+    keys = keys_homed_on(1, 4)
+    server = broken_cluster.ranks[1]
+    os.killpg(server.pid, signal.SIGSTOP)  # a hang, not a death
+    try:
+        stopped = time.monotonic()
+        # Routed to rank 1 before the router knows: they produce nothing there,
+        # so they are retried on rank 0 when rank 1 is found out.
+        retried = [
+            asyncio.ensure_future(routed(generate, request(f"k {k}", max_tokens=8, session_key=k)))
+            for k in keys
+        ]
+        detected = await wait_health(health, "rank/1", NOT_SERVING, timeout=DETECTION_BOUND_S + 5)
+        detected_after = time.monotonic() - stopped
+        assert detected_after < DETECTION_BOUND_S, detected_after
+        overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert overall.status == SERVING
+        for responses, _ in await asyncio.gather(*retried):
+            assert responses[0].data_parallel_rank == 0
+            assert responses[-1].usage.completion_tokens == 8
+        listed = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks[1]
+        assert listed.state == ranks_pb2.RANK_STATE_UNHEALTHY
+        assert listed.failed >= 1
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await routed(generate, request("pinned", data_parallel_rank=1))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        _, metadata = await routed(generate, request("new", session_key=keys[0]))
+        assert route_of(metadata)[0] == 0
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    readmitted = await wait_health(health, "rank/1", SERVING, timeout=10)
+    _, metadata = await routed(generate, request("back", data_parallel_rank=1))
+    assert route_of(metadata)[0] == 1
+    print(f"stopped rank detected after {detected_after:.2f} s (watch: {detected:.2f} s), "
+          f"re-admitted {readmitted:.2f} s after SIGCONT")  # fmt: skip
+
+
+async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
+    broken_cluster: LocalCluster,
+    stubs: tuple[
+        generate_pb2_grpc.GenerateServiceAsyncStub,
+        ranks_pb2_grpc.RanksServiceAsyncStub,
+        health_pb2_grpc.HealthStub,
+    ],
+) -> None:
+    generate, _, health = stubs
+    await wait_health(health, "rank/1", SERVING, timeout=30)
+    calls = [
+        generate.Generate(request(f"stream {i}", max_tokens=1500, data_parallel_rank=i % 2))
+        for i in range(16)
+    ]
+    received = [0] * 16
+    first = [asyncio.ensure_future(call.read()) for call in calls]
+    for i, response in enumerate(await asyncio.gather(*first)):
+        assert isinstance(response, generate_pb2.GenerateResponse)
+        received[i] += len(response.token_ids)
+
+    async def finish(i: int) -> grpc.StatusCode:
+        try:
+            while (response := await calls[i].read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                assert isinstance(response, generate_pb2.GenerateResponse)
+                received[i] += len(response.token_ids)
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+            info = error_info(e)
+            assert info.metadata["rank"] == "1"
+            assert int(info.metadata["delivered_tokens"]) == received[i]
+            return e.code()
+        return grpc.StatusCode.OK
+
+    ends = [asyncio.ensure_future(finish(i)) for i in range(16)]
+    broken_cluster.engine_process(1).kill()  # kill -9
+    killed = time.monotonic()
+    done, _ = await asyncio.wait([ends[i] for i in range(1, 16, 2)], timeout=DETECTION_BOUND_S + 1)
+    cut_after = time.monotonic() - killed
+    assert len(done) == 8, f"{8 - len(done)} streams on the dead rank still hang"
+    assert all(task.result() == grpc.StatusCode.UNAVAILABLE for task in done)
+    assert cut_after < DETECTION_BOUND_S + 1
+    # The other rank's streams finish whole, and new requests go there.
+    assert [await ends[i] for i in range(0, 16, 2)] == [grpc.StatusCode.OK] * 8
+    assert [received[i] for i in range(0, 16, 2)] == [1500] * 8
+    for i in range(4):
+        _, metadata = await routed(generate, request(f"after {i}"))
+        assert route_of(metadata)[0] == 0
+
+    broken_cluster.restart_rank(1)
+    rejoined = await wait_health(health, "rank/1", SERVING, timeout=180)
+    _, metadata = await routed(generate, request("rejoined", data_parallel_rank=1))
+    assert route_of(metadata)[0] == 1
+    print(f"streams on the killed rank ended {cut_after:.2f} s after the kill; "
+          f"restarted rank rejoined after {rejoined:.1f} s")  # fmt: skip
