@@ -8,6 +8,8 @@ and where a job's life in the ledger ends, whatever ends it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,8 +58,13 @@ class _Admitted:
     params: EngineSamplingParams
 
 
+log = logging.getLogger("dprouter")
 PIN_POLICY = "pin"
 RETRY_REASON = "retry_after_rank_failure"
+
+
+class RankFailed(Exception):
+    """The job's rank was found dead or hung while the job ran there."""
 
 
 def _engine_id(request_id: str) -> str:
@@ -75,6 +82,9 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
+        # Jobs inside the engine, and the tasks streaming them, by engine id.
+        self._streaming: dict[str, tuple[Job, asyncio.Task[object]]] = {}
+        self._failed: set[str] = set()  # engine ids whose rank failed
 
     def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
         """The ranks (some, at least) have joined: route with `policy`."""
@@ -206,28 +216,42 @@ class Dispatcher:
             expiry = loop.call_later(max(deadline_s, 0.0), self._abort_in_background, job)
         outcome = Outcome.CANCELLED
         delivered = 0  # tokens handed to the client
+        task = asyncio.current_task()
+        assert task is not None
         try:
             while True:
+                engine_id = job.engine_request_id
+                self._streaming[engine_id] = (job, task)
                 try:
                     async for delta in pool.generate(
-                        job.engine_request_id,
+                        engine_id,
                         job.prompt_token_ids,
                         job.params,
                         job.rank,
                         job.priority,
                         trace_headers,
                     ):
-                        self.ledger.prefilled(job.engine_request_id)
+                        self.ledger.prefilled(engine_id)
                         if delta.finished:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)
                         yield delta
                     break
+                except asyncio.CancelledError:
+                    if engine_id not in self._failed:
+                        raise  # the client's cancel, not a failed rank
+                    task.uncancel()
+                    if delivered or job.pinned:
+                        raise RankFailed from None
+                    self._retry_elsewhere(job)
                 except (EngineDeadError, RankNotJoined):
                     if delivered or job.pinned:
                         raise
                     self._retry_elsewhere(job)
-        except (EngineDeadError, RankNotJoined):
+                finally:
+                    self._streaming.pop(engine_id, None)
+                    self._failed.discard(engine_id)
+        except (EngineDeadError, RankNotJoined, RankFailed):
             outcome = Outcome.FAILED
             raise RequestError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -262,6 +286,20 @@ class Dispatcher:
                 # consumer that stops iterating without cancelling.
                 await pool.abort(job.engine_request_id, job.rank)
 
+    async def fail_rank(self, rank: int) -> int:
+        """Ends the jobs on a rank found dead or hung; how many. vLLM is told
+        first (its requests end with EngineDeadError); a job still waiting on
+        the engine elsewhere (vLLM awaits it before registering a request) is
+        interrupted."""
+        assert self.pool is not None
+        with contextlib.suppress(RankNotJoined):
+            await self.pool.fail(rank)
+        on_rank = [(job, task) for job, task in self._streaming.values() if job.rank == rank]
+        for job, task in on_rank:
+            self._failed.add(job.engine_request_id)
+            task.cancel("rank failed")
+        return len(on_rank)
+
     def _retry_elsewhere(self, job: Job) -> None:
         """Moves a job that has produced nothing off its failed rank; raises
         UNAVAILABLE when no rank serves."""
@@ -272,6 +310,10 @@ class Dispatcher:
         if decision.rank is None:
             raise unavailable(f"rank {job.rank} failed and no other rank is serving")
         decision.commit()
+        log.info(
+            "retrying on another rank",
+            extra={"request_id": job.request_id, "failed_rank": job.rank, "rank": decision.rank},
+        )
         job.engine_request_id = _engine_id(job.request_id)
         job.rank, job.route_policy, job.route_reason = decision.rank, decision.policy, RETRY_REASON
         self._reserve(job)

@@ -52,9 +52,9 @@ class RankPool(Protocol):
         """Returns once the rank's engine has run one token; hangs if it cannot."""
         ...
 
-    async def fail(self, rank: int) -> None:
+    async def fail(self, rank: int) -> int:
         """Ends the requests running on a failed rank with EngineDeadError
-        (with the coupled topology: on every rank, which fail together)."""
+        (with the coupled topology: on every rank, which fail together); how many."""
         ...
 
     def engine_loads(self) -> list[EngineLoad]:
@@ -107,8 +107,8 @@ class CoupledRanks:
     async def probe(self, rank: int) -> None:
         await self._client.probe(rank)
 
-    async def fail(self, rank: int) -> None:
-        await self._client.fail_all()
+    async def fail(self, rank: int) -> int:
+        return await self._client.fail_all()
 
     def engine_loads(self) -> list[EngineLoad]:
         return [EngineLoad(w, r, kv) for w, r, kv in self._client.engine_counts()]
@@ -177,8 +177,8 @@ class IndependentRanks:
     async def probe(self, rank: int) -> None:
         await self._client(rank).probe(None)
 
-    async def fail(self, rank: int) -> None:
-        await self._client(rank).fail_all()
+    async def fail(self, rank: int) -> int:
+        return await self._client(rank).fail_all()
 
     def engine_loads(self) -> list[EngineLoad]:
         return [

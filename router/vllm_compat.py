@@ -264,7 +264,7 @@ class EngineClient:
         ):
             pass
 
-    async def fail_all(self) -> None:
+    async def fail_all(self) -> int:
         """Ends every request of this client with EngineDeadError, as vLLM does
         when it sees its engine die (it does not see a killed or stopped
         engine), and aborts them in the engine in case it comes back."""
@@ -272,6 +272,7 @@ class EngineClient:
         request_ids = list(processor.request_states)
         processor.propagate_error(EngineDeadError())
         await self._llm.abort(request_ids, internal=True)
+        return len(request_ids)
 
     async def reset_prefix_cache(self) -> None:
         """Empties every rank's prefix cache (benchmarks start each system cold)."""

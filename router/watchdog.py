@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 from router.dispatcher import Dispatcher
-from router.ranks import RankNotJoined
 
 log = logging.getLogger("dprouter")
 
@@ -107,7 +106,7 @@ class Watchdog:
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
 
     async def _fail_requests(self, rank: int) -> None:
-        pool = self._dispatcher.pool
-        assert pool is not None
-        with contextlib.suppress(RankNotJoined):
-            await pool.fail(rank)
+        failed = await self._dispatcher.fail_rank(rank)
+        log.warning(
+            "ended the requests on the failed rank", extra={"rank": rank, "requests": failed}
+        )

@@ -10,6 +10,8 @@ router's.
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +22,7 @@ from router import logs
 from router.vllm_compat import make_rank_server_parser, run_rank_server
 
 log = logging.getLogger("dprouter.server")
+RESTART_FLAG = "--restart-on-crash"
 
 
 def _router_connections(router_host: str, rpc_port: int) -> bool:
@@ -48,6 +51,30 @@ def _announce_join(rank: int, router_host: str, rpc_port: int) -> None:
     log.info("rank joined the router", extra={"rank": rank, "router": f"{router_host}:{rpc_port}"})
 
 
+def _supervise(argv: list[str], rank: int) -> int:
+    """Runs the rank server in a child process and starts it again whenever
+    it exits, until this process is told to stop: vLLM's headless server
+    exits when its engine dies, and the router takes a restarted rank back."""
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        child = subprocess.Popen([sys.executable, "-m", "server", *argv])
+        code = child.wait()
+        if stopping:
+            return code
+        log.warning("rank server exited; restarting it", extra={"rank": rank, "exit_code": code})
+        time.sleep(1)
+
+
 def main() -> int:
     parser = make_rank_server_parser(
         "dprouter rank server: one headless vLLM data-parallel rank that joins a router"
@@ -58,6 +85,11 @@ def main() -> int:
         help="this rank's number at the router, for the logs (default: -dpr); "
         "independent ranks are each rank 0 of a group of one",
     )
+    parser.add_argument(
+        RESTART_FLAG,
+        action="store_true",
+        help="start the engine again whenever it exits or crashes (until SIGTERM/SIGINT)",
+    )
     args = parser.parse_args()
     logs.setup()
     host = args.data_parallel_address or "127.0.0.1"
@@ -65,7 +97,9 @@ def main() -> int:
     rank = args.router_rank
     if rank is None:
         rank = args.data_parallel_start_rank or 0  # what -dpr sets in vLLM 0.32
-    del args.router_rank  # not a vLLM flag
+    if args.restart_on_crash:
+        return _supervise([a for a in sys.argv[1:] if a != RESTART_FLAG], rank)
+    del args.router_rank, args.restart_on_crash  # not vLLM flags
     args.data_parallel_address = host
     log.info(
         "rank starting; waiting for the router",

@@ -46,6 +46,8 @@ class ClusterSpec:
     with_router: bool = True
     # "independent" (a client per rank) or "coupled" (one client, -dp N); see router/ranks.py.
     topology: str = "independent"
+    # Rank servers start their engine again when it dies (`make run`).
+    restart_on_crash: bool = False
 
     def engine_flags_common(self) -> list[str]:
         """Engine flags the router and every rank must agree on."""
@@ -78,6 +80,7 @@ class ClusterSpec:
         return [
             *self.engine_flags_common(), *group,
             "--data-parallel-size-local", "1", "--router-rank", str(rank),
+            *(["--restart-on-crash"] if self.restart_on_crash else []),
         ]  # fmt: skip
 
 
@@ -239,6 +242,7 @@ def main() -> int:
             rpc_port=args.rpc_port,
             max_model_len=args.max_model_len,
             topology=args.topology,
+            restart_on_crash=True,
         )
     )
     try:
