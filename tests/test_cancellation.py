@@ -1,7 +1,8 @@
 """A client that cancels, disconnects or runs out of deadline frees its engine
 slot. Observed in the engines: their own waiting and running counts (reported
-through vLLM's data-parallel coordinator) drop to zero, and the router counts
-the request as cancelled, i.e. it ended before the engine finished it."""
+with every engine step; the watchdog's probes make an idle engine report)
+drop to zero, and the router counts the request as cancelled, i.e. it ended
+before the engine finished it."""
 
 from __future__ import annotations
 
