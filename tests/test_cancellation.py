@@ -19,9 +19,9 @@ from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_gr
 from server.local_cluster import LocalCluster
 from tests.conftest import LONG_TOKENS, ROOT, wait_for_idle_engines
 
-# Generous: stalls of several seconds happen on these 2-core machines (seen in
-# CI). The cancelled count, not the time, is what proves the abort.
-ABORT_BOUND_S = 30.0
+# Far below the ~30 s the engine needs for the 15,000 tokens, so the abort is
+# early; allows for the multi-second stalls seen on these 2-core machines.
+ABORT_BOUND_S = 10.0
 
 
 async def cancelled(ranks: ranks_pb2_grpc.RanksServiceAsyncStub, rank: int) -> int:
