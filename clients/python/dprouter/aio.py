@@ -9,7 +9,7 @@ async with AsyncClient("127.0.0.1:50051") as client:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Unpack
 
@@ -113,7 +113,7 @@ class AsyncClient:
         )
         return status_name(reply.status)
 
-    async def watch_health(self, service: str = "") -> AsyncIterator[str]:
+    async def watch_health(self, service: str = "") -> AsyncGenerator[str]:
         """The Health status of `service` now and on every change, until cancelled
         (no deadline)."""
         async for reply in self._health.Watch(health_pb2.HealthCheckRequest(service=service)):
