@@ -37,7 +37,7 @@ EXAMPLES := build/go/generate clients/ts/dist/generate.js build/cpp/generate
 # `make breaking` compares the protos with this commit's (the previous one by default).
 BREAKING_AGAINST ?= HEAD~1
 
-.PHONY: setup stubs examples models run test check breaking bench clean
+.PHONY: setup stubs examples models run test check breaking api-reference bench clean
 
 setup: $(STAMP)
 
@@ -119,9 +119,14 @@ run: $(STUBS) $(SMOLLM2)/config.json
 check: $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy router server tests bench clients/python/generate.py
+	$(VENV)/bin/mypy router server tests bench clients/python/generate.py clients/api_reference.py
 	$(VENV)/bin/mypy -p dprouter
 	cd protos && ../$(VENV)/bin/buf lint
+	$(PY) -m clients.api_reference --check
+
+# README.md's API reference, from the comments in protos/.
+api-reference: $(STAMP)
+	$(PY) -m clients.api_reference
 
 # buf breaking against the protos of $(BREAKING_AGAINST); skipped when this clone
 # lacks that commit (a shallow clone) or it has no protos.
