@@ -91,7 +91,7 @@ func run(address, prompt string) error {
 	}
 	fmt.Printf("health: %s (rank/%d: %s)\n", overall.Status, rank, ofRank.Status)
 	if overall.Status != healthpb.HealthCheckResponse_SERVING {
-		os.Exit(1)
+		return fmt.Errorf("the router is %s", overall.Status)
 	}
 	return nil
 }
