@@ -51,8 +51,15 @@ async def generate(client: AsyncClient, args: argparse.Namespace) -> int:
         options["session"] = args.session
     stream = client.generate(prompt, **options)
     last = generate_pb2.GenerateResponse()
-    async for last in stream:
-        print(last.text, end="", flush=True)
+    printed = False
+    try:
+        async for last in stream:
+            print(last.text, end="", flush=True)
+            printed |= bool(last.text)
+    except grpc.aio.AioRpcError:
+        if printed:
+            print()  # ends the text's line before the error's
+        raise
     print()
     route = await stream.route()
     reason = generate_pb2.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_")
