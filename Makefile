@@ -15,8 +15,29 @@ SMOLLM2 := models/smollm2-135m-instruct
 LISTEN ?= 127.0.0.1:50051
 RANKS ?= 2
 PYTEST_ARGS ?=
+# Clients in Go, TypeScript and C++ (clients/): toolchains from Debian and npm;
+# their stubs are generated at build time too, into ignored paths.
+CLIENT_APT := golang-go golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler \
+	protobuf-compiler-grpc libgrpc++-dev grpc-proto pkg-config g++
+APT_STAMP := build/.apt-clients
+NPM_STAMP := clients/ts/node_modules/.package-lock.json
+HEALTH_PROTO := /usr/share/grpc-proto/grpc/health/v1/health.proto
+GO_STUBS := clients/go/src/dprouter/v1/generate.pb.go
+# GOPATH mode against Debian's packages: module mode needs a module proxy.
+GO_ENV := GOPATH=$(CURDIR)/clients/go:/usr/share/gocode GO111MODULE=off GOFLAGS=
+GO_MAP := Mdprouter/v1/generate.proto=dprouter/v1;dprouterv1,Mdprouter/v1/ranks.proto=dprouter/v1;dprouterv1
+TS_STUBS := clients/ts/src/gen/dprouter/v1/generate_pb.ts
+CPP_GEN := build/cpp/gen
+CPP_STUBS := $(CPP_GEN)/dprouter/v1/generate.pb.cc
+CPP_SRCS := clients/cpp/generate.cc $(CPP_GEN)/dprouter/v1/generate.pb.cc \
+	$(CPP_GEN)/dprouter/v1/generate.grpc.pb.cc $(CPP_GEN)/grpc/health/v1/health.pb.cc \
+	$(CPP_GEN)/grpc/health/v1/health.grpc.pb.cc
+EXAMPLES := build/go/generate clients/ts/dist/generate.js build/cpp/generate
+# `make breaking` compares the protos with this commit's (the previous one by default).
+BREAKING_AGAINST ?= HEAD~1
 
-.PHONY: setup stubs models run test check bench clean
+.PHONY: setup stubs examples models run test check breaking api-reference bench clean
 
 setup: $(STAMP)
 
@@ -30,8 +51,8 @@ ifeq ($(VLLM_EXTRA),cpu)
 endif
 	touch $@
 
-# Python stubs are generated, not committed (the protos are the source of truth).
-stubs: $(STUBS)
+# Stubs are generated, not committed (the protos are the source of truth).
+stubs: $(STUBS) $(GO_STUBS) $(TS_STUBS) $(CPP_STUBS)
 
 $(STUBS): $(PROTOS) $(STAMP)
 	mkdir -p $(STUBS_DIR)
@@ -41,6 +62,47 @@ $(STUBS): $(PROTOS) $(STAMP)
 		--python_out=clients/python --grpc_python_out=clients/python \
 		--mypy_out=clients/python --mypy_grpc_out=clients/python $(PROTOS)
 	echo '"""Generated from protos/dprouter/v1 by `make stubs`."""' > $@
+
+# Debian's Go gRPC, libgrpc++ and protoc plugins, and Debian's nodejs and npm
+# where no npm is installed. Checking is quick once they are there.
+$(APT_STAMP): Makefile
+	mkdir -p $(@D)
+	(dpkg -s $(CLIENT_APT) >/dev/null 2>&1 && command -v npm >/dev/null) || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	    --no-install-recommends $(CLIENT_APT) $$(command -v npm >/dev/null || echo nodejs npm); }
+	touch $@
+
+$(NPM_STAMP): clients/ts/package.json clients/ts/package-lock.json $(APT_STAMP)
+	cd clients/ts && npm ci --no-audit --no-fund
+	touch $@
+
+$(GO_STUBS): $(PROTOS) $(APT_STAMP)
+	protoc -Iprotos --go_out=clients/go/src --go_opt='$(GO_MAP)' \
+		--go-grpc_out=clients/go/src --go-grpc_opt='$(GO_MAP)' $(PROTOS)
+
+$(TS_STUBS): $(PROTOS) clients/ts/buf.gen.yaml $(NPM_STAMP) $(STAMP)
+	rm -rf clients/ts/src/gen
+	cd clients/ts && ../../$(VENV)/bin/buf generate
+
+# Debian's protoc: C++ stubs must match the libprotobuf they are built against.
+$(CPP_STUBS): $(PROTOS) $(APT_STAMP)
+	mkdir -p $(CPP_GEN)
+	protoc -Iprotos -I/usr/share/grpc-proto --cpp_out=$(CPP_GEN) --grpc_out=$(CPP_GEN) \
+		--plugin=protoc-gen-grpc=/usr/bin/grpc_cpp_plugin $(PROTOS) $(HEALTH_PROTO)
+
+# The examples that `make test` runs against the live router, built once.
+examples: $(EXAMPLES)
+
+build/go/generate: $(GO_STUBS) clients/go/src/dprouter/cmd/generate/main.go
+	$(GO_ENV) go build -p 1 -o $@ dprouter/cmd/generate
+
+clients/ts/dist/generate.js: $(TS_STUBS) clients/ts/src/generate.ts clients/ts/tsconfig.json
+	cd clients/ts && node_modules/.bin/tsc -p .
+
+# One g++ run (about 10 s): the example and the stubs it uses.
+build/cpp/generate: $(CPP_STUBS) clients/cpp/generate.cc
+	g++ -std=c++17 -I$(CPP_GEN) $$(pkg-config --cflags grpc++ protobuf) -o $@ $(CPP_SRCS) \
+		$$(pkg-config --libs grpc++ protobuf)
 
 # A changed builder rebuilds (the builder itself skips a model that is already built).
 $(TINY)/config.json: $(STAMP) server/build_model.py
@@ -57,10 +119,26 @@ run: $(STUBS) $(SMOLLM2)/config.json
 check: $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy router server tests bench clients/python/generate.py
+	$(VENV)/bin/mypy router server tests bench clients/python/generate.py clients/api_reference.py
+	$(VENV)/bin/mypy -p dprouter
 	cd protos && ../$(VENV)/bin/buf lint
+	$(PY) -m clients.api_reference --check
 
-test: $(STUBS) models check
+# README.md's API reference, from the comments in protos/.
+api-reference: $(STAMP)
+	$(PY) -m clients.api_reference
+
+# buf breaking against the protos of $(BREAKING_AGAINST); skipped when this clone
+# lacks that commit (a shallow clone) or it has no protos.
+breaking: $(STAMP)
+	@if git cat-file -e "$(BREAKING_AGAINST):protos" 2>/dev/null; then \
+	  rm -rf build/breaking && mkdir -p build/breaking && \
+	  git archive "$(BREAKING_AGAINST)" protos | tar -x -C build/breaking && \
+	  $(VENV)/bin/buf breaking protos --against build/breaking/protos && \
+	  echo "buf breaking: no breaking change since $(BREAKING_AGAINST)"; \
+	else echo "buf breaking: skipped, no protos at $(BREAKING_AGAINST) in this clone"; fi
+
+test: $(STUBS) models check breaking examples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print markdown tables; run them on an otherwise idle machine.
@@ -70,4 +148,5 @@ bench: $(STUBS) $(TINY)/config.json
 	$(PY) -m bench.routing prefix
 
 clean:
-	rm -rf $(VENV) $(STUBS_DIR) models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(STUBS_DIR) models .pytest_cache .mypy_cache .ruff_cache build \
+		clients/ts/node_modules clients/ts/src/gen clients/ts/dist clients/go/src/dprouter/v1

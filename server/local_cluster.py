@@ -250,7 +250,7 @@ def main() -> int:
             print(
                 f"\ndprouter is SERVING {args.model} on {args.listen} with {args.ranks} ranks.\n"
                 "Stream a completion:\n"
-                f"  .venv/bin/python -m clients.python.generate --address {args.listen} "
+                f"  .venv/bin/dprouter generate --address {args.listen} "
                 '"The capital of France is"\n'
                 f'  .venv/bin/grpcurl -plaintext -d \'{{"prompt": "The capital of France is", '
                 f'"sampling": {{"max_tokens": 16, "temperature": 0}}}}\' {args.listen} '

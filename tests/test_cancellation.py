@@ -77,7 +77,7 @@ async def test_client_process_killed_mid_stream_aborts_the_engine_request(
     await wait_for_idle_engines(ranks, timeout=10)
     before = await cancelled(ranks, 0)
     client = subprocess.Popen(
-        [sys.executable, "-m", "clients.python.generate", "--address", cluster.spec.listen,
+        [sys.executable, "-m", "dprouter.cli", "generate", "--address", cluster.spec.listen,
          "--max-tokens", str(LONG_TOKENS), "--ignore-eos", "--rank", "0", "Tell me a story"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
