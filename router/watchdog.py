@@ -30,7 +30,9 @@ PROBE_TIMEOUT_S = 3.0
 # whole-machine stall (seen for 7-8 s on 2-core hosts) its answer may be
 # waiting to be read.
 PROBE_GRACE_S = 0.3
-REPLACE_AFTER_S = 10.0
+# Long enough that a rank that is only slow (a host starved of CPU) is not
+# given up on: its old client is shut down, so it could not come back alone.
+REPLACE_AFTER_S = 30.0
 
 
 class Watchdog:
