@@ -20,7 +20,8 @@ from grpc_reflection.v1alpha import reflection
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router import tracing
-from router.config import RouterConfig
+from router.auth import BearerTokenInterceptor
+from router.config import RouterConfig, TlsConfig
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
 from router.membership import Membership
@@ -32,12 +33,20 @@ log = logging.getLogger("dprouter")
 T = TypeVar("T")
 
 
-def build_server(dispatcher: Dispatcher, health: RouterHealth) -> grpc.aio.Server:
+def build_server(
+    dispatcher: Dispatcher, health: RouterHealth, config: RouterConfig
+) -> grpc.aio.Server:
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]
+    if config.auth_tokens:
+        # First, so an unauthenticated call learns nothing about its request.
+        interceptors.append(BearerTokenInterceptor(config.auth_tokens))
+    interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(
-        interceptors=[MalformedRequestInterceptor()],
-        # Ping idle connections so a vanished client (killed, cut off) is noticed
-        # and its requests are cancelled, freeing their engine slots.
+        interceptors=interceptors,
         options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Ping idle connections so a vanished client (killed, cut off) is noticed
+            # and its requests are cancelled, freeing their engine slots.
             ("grpc.keepalive_time_ms", 1000),
             ("grpc.keepalive_timeout_ms", 1000),
             ("grpc.http2.max_pings_without_data", 0),
@@ -59,17 +68,46 @@ def build_server(dispatcher: Dispatcher, health: RouterHealth) -> grpc.aio.Serve
     return server
 
 
+def serve_port(server: grpc.aio.Server, config: RouterConfig) -> None:
+    """Binds --listen, over TLS when a certificate is given."""
+    if config.tls is None:
+        server.add_insecure_port(config.listen)
+    else:
+        server.add_secure_port(config.listen, _credentials(config.tls))
+
+
+def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    client_ca = read(tls.client_ca) if tls.client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(tls.key), read(tls.cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def serve(config: RouterConfig) -> int:
     """Runs the router until a signal; the process exit code."""
     if tracing.setup():
         log.info("tracing to OTLP")
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(config.limits)
     health = RouterHealth()
-    server = build_server(dispatcher, health)
-    server.add_insecure_port(config.listen)
+    server = build_server(dispatcher, health, config)
+    serve_port(server, config)
     await server.start()
     await health.starting(config.data_parallel_size)
-    log.info("listening", extra={"address": config.listen, "ranks": config.data_parallel_size})
+    log.info(
+        "listening",
+        extra={
+            "address": config.listen,
+            "ranks": config.data_parallel_size,
+            "tls": "off" if config.tls is None else "mutual" if config.tls.client_ca else "on",
+            "auth": bool(config.auth_tokens),
+        },
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

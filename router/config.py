@@ -9,11 +9,27 @@ handshake.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from router.auth import TOKENS_ENV, load_tokens
 from router.policies import DEFAULT_LOAD_FACTOR, POLICIES
+from router.validation import RequestLimits
 from router.vllm_compat import add_engine_args, new_flexible_parser
+
+# gRPC's own default for the largest request it receives.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files of the gRPC port's certificate; `client_ca` set requires and
+    verifies client certificates (mutual TLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,10 @@ class RouterConfig:
     topology: str
     log_level: str
     engine_args: argparse.Namespace
+    limits: RequestLimits
+    max_message_bytes: int
+    tls: TlsConfig | None
+    auth_tokens: frozenset[str]
 
     @property
     def data_parallel_size(self) -> int:
@@ -71,10 +91,25 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         help="affinity policies spill a request to another rank when its rank would "
         "have more than this times the mean in-flight requests",
     )
+    _add_security_args(parser)
     add_engine_args(parser)
     args = parser.parse_args(argv)
     if args.affinity_load_factor < 1:
         parser.error("--affinity-load-factor must be at least 1")
+    for flag in ("max_prompt_tokens", "max_n", "max_tokens_limit", "max_message_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        tokens = load_tokens(args.auth_tokens_file, os.environ.get(TOKENS_ENV))
+    except OSError as e:
+        parser.error(f"--auth-tokens-file: {e}")
+    if args.auth_tokens_file is not None and not tokens:
+        parser.error("--auth-tokens-file holds no token")
     return RouterConfig(
         listen=args.listen,
         grace_period=args.grace_period,
@@ -84,4 +119,44 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         # vLLM's own --log-level sets the router's level too.
         log_level=getattr(args, "log_level", "info").upper(),
         engine_args=args,
+        limits=RequestLimits(
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_n=args.max_n,
+            max_tokens=args.max_tokens_limit,
+        ),
+        max_message_bytes=args.max_message_bytes,
+        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
+        auth_tokens=tokens,
+    )
+
+
+def _add_security_args(parser: argparse.ArgumentParser) -> None:
+    limits = parser.add_argument_group("request limits")
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="refuse prompts longer than this many tokens (default: the model's context)",
+    )
+    limits.add_argument("--max-n", type=int, help="refuse sampling.n above this")
+    limits.add_argument(
+        "--max-tokens-limit", type=int, help="refuse sampling.max_tokens above this"
+    )
+    limits.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help="largest request message gRPC accepts; larger ones get RESOURCE_EXHAUSTED",
+    )
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca",
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
+    security.add_argument(
+        "--auth-tokens-file",
+        help=f"file of bearer tokens, one a line (also: {TOKENS_ENV}, comma separated); "
+        "when any is set, every RPC but Health and reflection needs "
+        "'authorization: Bearer <token>' metadata",
     )

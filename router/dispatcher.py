@@ -73,7 +73,8 @@ def _engine_id(request_id: str) -> str:
 
 
 class Dispatcher:
-    def __init__(self) -> None:
+    def __init__(self, allowed: validation.RequestLimits = validation.NO_LIMITS) -> None:
+        self.allowed = allowed  # the router's own per-request limits
         self.pool: RankPool | None = None
         self.policy: Policy | None = None
         self.ledger = Ledger(0)
@@ -108,12 +109,12 @@ class Dispatcher:
         metadata: Sequence[tuple[str, str | bytes]],
     ) -> _Admitted:
         pool = self._pool()
-        checked = validation.check_request(request, metadata, pool.limits)
+        checked = validation.check_request(request, metadata, pool.limits, self.allowed)
         ids = validation.tokenize(checked.prompt, pool.encode, pool.render_chat)
         if not ids:
             raise invalid_argument(checked.prompt.field, "tokenizes to no tokens")
         sampling = validation.engine_sampling(
-            checked.sampling, checked.prompt.field, len(ids), pool.limits
+            checked.sampling, checked.prompt.field, len(ids), pool.limits, self.allowed
         )
         try:
             params = engine_sampling_params(sampling)

@@ -36,6 +36,19 @@ class ModelLimits:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What the operator allows one request (router flags), on top of what the
+    model allows; None is no limit of the router's own."""
+
+    max_prompt_tokens: int | None = None
+    max_n: int | None = None
+    max_tokens: int | None = None
+
+
+NO_LIMITS = RequestLimits()
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A request's input, before tokenization: exactly one kind is set."""
 
@@ -140,12 +153,23 @@ def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Promp
     return Prompt(None, None, messages)
 
 
-def _check_sampling(s: generate_pb2.SamplingParams, limits: ModelLimits) -> None:
+def _check_sampling(
+    s: generate_pb2.SamplingParams, limits: ModelLimits, allowed: RequestLimits
+) -> None:
     def field(name: str) -> str:
         return f"sampling.{name}"
 
     if s.HasField("max_tokens") and s.max_tokens < 1:
         raise invalid_argument(field("max_tokens"), f"must be at least 1, got {s.max_tokens}")
+    if (
+        s.HasField("max_tokens")
+        and allowed.max_tokens is not None
+        and s.max_tokens > allowed.max_tokens
+    ):
+        raise invalid_argument(
+            field("max_tokens"),
+            f"{s.max_tokens} is above this router's limit of {allowed.max_tokens}",
+        )
     if s.HasField("min_tokens") and not 0 <= s.min_tokens <= max_tokens_or_default(s):
         raise invalid_argument(
             field("min_tokens"), f"must be in [0, max_tokens], got {s.min_tokens}"
@@ -170,6 +194,8 @@ def _check_sampling(s: generate_pb2.SamplingParams, limits: ModelLimits) -> None
         )
     if s.HasField("n") and s.n < 1:
         raise invalid_argument(field("n"), f"must be at least 1, got {s.n}")
+    if allowed.max_n is not None and s.n > allowed.max_n:
+        raise invalid_argument(field("n"), f"{s.n} is above this router's limit of {allowed.max_n}")
     most = limits.vocab_size if limits.max_logprobs < 0 else limits.max_logprobs
     if s.HasField("logprobs") and not 0 <= s.logprobs <= most:
         raise invalid_argument(field("logprobs"), f"must be in [0, {most}], got {s.logprobs}")
@@ -187,10 +213,11 @@ def check_request(
     request: generate_pb2.GenerateRequest,
     metadata: Sequence[tuple[str, str | bytes]],
     limits: ModelLimits,
+    allowed: RequestLimits = NO_LIMITS,
 ) -> CheckedRequest:
     """Every check that needs no tokenizer, in the order a client reads the fields."""
     prompt = _prompt(request, limits)
-    _check_sampling(request.sampling, limits)
+    _check_sampling(request.sampling, limits, allowed)
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
     if len(request.session_key) > MAX_SESSION_KEY_CHARS:
@@ -224,9 +251,20 @@ def tokenize(
 
 
 def engine_sampling(
-    s: generate_pb2.SamplingParams, prompt_field: str, prompt_tokens: int, limits: ModelLimits
+    s: generate_pb2.SamplingParams,
+    prompt_field: str,
+    prompt_tokens: int,
+    limits: ModelLimits,
+    allowed: RequestLimits = NO_LIMITS,
 ) -> Sampling:
-    """The sampling parameters with defaults filled in, checked against the context."""
+    """The sampling parameters with defaults filled in, checked against the
+    context and the router's limits."""
+    if allowed.max_prompt_tokens is not None and prompt_tokens > allowed.max_prompt_tokens:
+        raise invalid_argument(
+            prompt_field,
+            f"the prompt is {prompt_tokens} tokens, above this router's limit of "
+            f"{allowed.max_prompt_tokens}",
+        )
     room = limits.max_model_len - prompt_tokens
     if room < 1:
         raise invalid_argument(
@@ -234,7 +272,9 @@ def engine_sampling(
             f"the prompt is {prompt_tokens} tokens; the model's context is "
             f"{limits.max_model_len}, which leaves no room to generate",
         )
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, room)
+    # An unset max_tokens defaults within the context and the router's limit.
+    default = min(DEFAULT_MAX_TOKENS, room, allowed.max_tokens or DEFAULT_MAX_TOKENS)
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else default
     if max_tokens > room:
         raise invalid_argument(
             "sampling.max_tokens",

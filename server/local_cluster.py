@@ -48,6 +48,15 @@ class ClusterSpec:
     topology: str = "independent"
     # Rank servers start their engine again when it dies (`make run`).
     restart_on_crash: bool = False
+    # How to reach a router started with --tls-cert (and a client certificate
+    # for --tls-client-ca); None is plaintext.
+    credentials: grpc.ChannelCredentials | None = None
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to the router, with the spec's credentials."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.listen)
+        return grpc.secure_channel(self.listen, self.credentials)
 
     def engine_flags_common(self) -> list[str]:
         """Engine flags the router and every rank must agree on."""
@@ -170,7 +179,7 @@ class LocalCluster:
         if a process died."""
         names = ["", *(f"rank/{rank}" for rank in range(self.spec.ranks))]
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.spec.listen) as channel:
+        with self.spec.channel() as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self.check_alive()
