@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -63,6 +65,16 @@ PIN_POLICY = "pin"
 RETRY_REASON = "retry_after_rank_failure"
 
 
+@dataclass
+class _Streaming:
+    """A job inside the engine and the task streaming it."""
+
+    job: Job
+    task: asyncio.Task[Any]
+    in_engine: bool = False  # awaiting the engine's next output, not sending
+    failed: bool = False  # its rank was found dead or hung
+
+
 class RankFailed(Exception):
     """The job's rank was found dead or hung while the job ran there."""
 
@@ -83,9 +95,9 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
-        # Jobs inside the engine, and the tasks streaming them, by engine id.
-        self._streaming: dict[str, tuple[Job, asyncio.Task[object]]] = {}
-        self._failed: set[str] = set()  # engine ids whose rank failed
+        self._streaming: dict[str, _Streaming] = {}  # by engine id
+        # When each rank last produced output: the watchdog's proof of progress.
+        self.last_output: dict[int, float] = {}
 
     def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
         """The ranks (some, at least) have joined: route with `policy`."""
@@ -222,24 +234,36 @@ class Dispatcher:
         try:
             while True:
                 engine_id = job.engine_request_id
-                self._streaming[engine_id] = (job, task)
+                streaming = _Streaming(job, task)
+                self._streaming[engine_id] = streaming
+                deltas = pool.generate(
+                    engine_id,
+                    job.prompt_token_ids,
+                    job.params,
+                    job.rank,
+                    job.priority,
+                    trace_headers,
+                ).__aiter__()
                 try:
-                    async for delta in pool.generate(
-                        engine_id,
-                        job.prompt_token_ids,
-                        job.params,
-                        job.rank,
-                        job.priority,
-                        trace_headers,
-                    ):
+                    while True:
+                        streaming.in_engine = True
+                        try:
+                            delta = await deltas.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            streaming.in_engine = False
                         self.ledger.prefilled(engine_id)
+                        self.last_output[job.rank] = time.monotonic()
                         if delta.finished:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)
                         yield delta
+                        if streaming.failed:  # found out while the client was sent this
+                            raise RankFailed
                     break
                 except asyncio.CancelledError:
-                    if engine_id not in self._failed:
+                    if not streaming.failed:
                         raise  # the client's cancel, not a failed rank
                     task.uncancel()
                     if delivered or job.pinned:
@@ -251,7 +275,6 @@ class Dispatcher:
                     self._retry_elsewhere(job)
                 finally:
                     self._streaming.pop(engine_id, None)
-                    self._failed.discard(engine_id)
         except (EngineDeadError, RankNotJoined, RankFailed):
             outcome = Outcome.FAILED
             raise RequestError(
@@ -295,10 +318,13 @@ class Dispatcher:
         assert self.pool is not None
         with contextlib.suppress(RankNotJoined):
             await self.pool.fail(rank)
-        on_rank = [(job, task) for job, task in self._streaming.values() if job.rank == rank]
-        for job, task in on_rank:
-            self._failed.add(job.engine_request_id)
-            task.cancel("rank failed")
+        on_rank = [st for st in self._streaming.values() if st.job.rank == rank]
+        for streaming in on_rank:
+            streaming.failed = True
+            # Interrupt only a wait on the engine: cancelled anywhere else (a
+            # send to the client), the handler would end without a status.
+            if streaming.in_engine:
+                streaming.task.cancel("rank failed")
         return len(on_rank)
 
     def _retry_elsewhere(self, job: Job) -> None:

@@ -3,7 +3,8 @@
 vLLM's engine client does not notice an engine process that died or stopped:
 requests to it hang with no error (measured on vLLM 0.32). So the router runs
 one greedy token on every rank every `interval` seconds. A rank whose probe
-has not come back within `timeout` is unhealthy: it gets no new requests,
+has not come back within `timeout`, while the rank produced no output for
+any request either, is unhealthy: it gets no new requests,
 its Health name turns NOT_SERVING, and its running requests are ended at once
 (the dispatcher retries elsewhere those that had produced nothing, and ends
 the others with UNAVAILABLE). Probing goes on, and a rank that answers again
@@ -79,7 +80,9 @@ class Watchdog:
         unhealthy_since: float | None = None
         while True:
             started = time.monotonic()
-            ok = await self._probe(rank)
+            # A slow probe on a rank that streamed output meanwhile is a busy
+            # rank, not a hung one.
+            ok = await self._probe(rank) or self._dispatcher.last_output.get(rank, 0.0) > started
             healthy = ledger.healthy(rank)
             if ok and not healthy:
                 ledger.set_healthy(rank, True)

@@ -4,13 +4,15 @@ router (tiny model), started once and shared by the end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -36,6 +38,42 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (independent rank k joins on
+    the router's rpc port + k)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+
+
+def tiny_spec(
+    name: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    ranks: int = 2,
+    router_flags: Sequence[str] = (),
+    **fields: Any,
+) -> ClusterSpec:
+    """A cluster of the tiny model, its logs in a folder named `name`."""
+    logs = os.environ.get("DPROUTER_TEST_LOGS")
+    return ClusterSpec(
+        model=str(TINY_MODEL),
+        ranks=ranks,
+        listen=f"127.0.0.1:{free_port()}",
+        rpc_port=free_ports(ranks),
+        max_model_len=TINY_MAX_MODEL_LEN,
+        router_flags=list(router_flags),
+        log_dir=Path(logs) / name if logs else tmp_path_factory.mktemp(name),
+        **fields,
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -84,19 +122,15 @@ def cluster(
     otlp_receiver: tuple[OtlpReceiver, int], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
     _, otlp_port = otlp_receiver
-    spec = ClusterSpec(
-        model=str(TINY_MODEL),
-        ranks=2,
-        listen=f"127.0.0.1:{free_port()}",
-        rpc_port=free_port(),
-        max_model_len=TINY_MAX_MODEL_LEN,
+    spec = tiny_spec(
+        "logs",
+        tmp_path_factory,
         router_flags=["--grace-period", str(GRACE_PERIOD_S)],
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         },
-        log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("logs"))),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,8 +18,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster
-from tests.conftest import TINY_MAX_MODEL_LEN, TINY_MODEL, free_port
+from server.local_cluster import LocalCluster
+from tests.conftest import tiny_spec
 from tests.test_routing import keys_homed_on, request, route_of, routed
 
 DETECTION_BOUND_S = 5.0
@@ -30,15 +29,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(scope="module")
 def broken_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(
-        model=str(TINY_MODEL),
-        ranks=2,
-        listen=f"127.0.0.1:{free_port()}",
-        rpc_port=free_port(),
-        max_model_len=TINY_MAX_MODEL_LEN,
+    spec = tiny_spec(
+        "failover",
+        tmp_path_factory,
         router_flags=["--grace-period", "5"],
-        log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("failover")))
-        / "failover",
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster

@@ -4,16 +4,14 @@ each refusal has a precise status naming the field, and the router keeps serving
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster
-from tests.conftest import TINY_MAX_MODEL_LEN, TINY_MODEL, free_port
+from server.local_cluster import LocalCluster
+from tests.conftest import tiny_spec
 from tests.test_bad_input import GOOD, assert_still_serves, expect_invalid
 
 S = generate_pb2.SamplingParams
@@ -32,15 +30,11 @@ LIMIT_FLAGS = [
 
 @pytest.fixture(scope="module")
 def limited_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(
-        model=str(TINY_MODEL),
+    spec = tiny_spec(
+        "limits",
+        tmp_path_factory,
         ranks=1,
-        listen=f"127.0.0.1:{free_port()}",
-        rpc_port=free_port(),
-        max_model_len=TINY_MAX_MODEL_LEN,
         router_flags=LIMIT_FLAGS,
-        log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("limits")))
-        / "limits",
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster

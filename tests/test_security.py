@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,8 @@ from router.auth import TOKENS_ENV, load_tokens
 from router.config import TlsConfig, parse_args
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
-from server.local_cluster import ClusterSpec, LocalCluster
-from tests.conftest import TINY_MAX_MODEL_LEN, TINY_MODEL, free_port
+from server.local_cluster import LocalCluster
+from tests.conftest import TINY_MODEL, free_port, tiny_spec
 
 FILE_TOKEN = "token-from-file"
 ENV_TOKENS = ("env-token-a", "env-token-b")
@@ -140,16 +139,12 @@ def secure_cluster(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "--tls-client-ca", pki.path("ca.pem"),
         "--auth-tokens-file", str(tokens_file),
     ]  # fmt: skip
-    spec = ClusterSpec(
-        model=str(TINY_MODEL),
+    spec = tiny_spec(
+        "security",
+        tmp_path_factory,
         ranks=1,
-        listen=f"127.0.0.1:{free_port()}",
-        rpc_port=free_port(),
-        max_model_len=TINY_MAX_MODEL_LEN,
         router_flags=flags,
         env={TOKENS_ENV: ",".join(ENV_TOKENS)},
-        log_dir=Path(os.environ.get("DPROUTER_TEST_LOGS", tmp_path_factory.mktemp("security")))
-        / "security",
         # wait_serving's Health checks go over mutual TLS, with no token.
         credentials=with_client_cert(pki),
     )
