@@ -2,12 +2,12 @@
 
 vLLM's engine client does not notice an engine process that died or stopped:
 requests to it hang with no error (measured on vLLM 0.32). So the router runs
-one greedy token on every rank every `interval` seconds. A rank whose probe
-has not come back within `timeout`, while the rank produced no output for
-any request either, is unhealthy: it gets no new requests,
-its Health name turns NOT_SERVING, and its running requests are ended at once
-(the dispatcher retries elsewhere those that had produced nothing, and ends
-the others with UNAVAILABLE). Probing goes on, and a rank that answers again
+one greedy token on every rank every `interval` seconds. A rank that has
+neither answered a probe nor streamed output for any request within
+`timeout` is unhealthy: it gets no new requests, its Health name turns
+NOT_SERVING, and its running requests are ended at once (the dispatcher
+retries elsewhere those that had produced nothing, and ends the others with
+UNAVAILABLE). Probing goes on, and a rank that answers again
 (a stopped process continued) serves again. An independent rank that stays
 unhealthy for `replace_after` seconds is presumed dead and gets a new engine
 client that waits for its rank server to come back.
@@ -16,7 +16,6 @@ client that waits for its rank server to come back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,10 +26,11 @@ log = logging.getLogger("dprouter")
 
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 3.0
-# A probe that timed out gets this long once the router runs again: after a
-# whole-machine stall (seen for 7-8 s on 2-core hosts) its answer may be
-# waiting to be read.
-PROBE_GRACE_S = 0.3
+# How often each rank's state is decided.
+TICK_S = 0.25
+# A tick this late means the router itself was not running (whole-machine
+# stalls of 7-8 s were seen on 2-core hosts).
+STALL_S = 1.0
 # Long enough that a rank that is only slow (a host starved of CPU) is not
 # given up on: its old client is shut down, so it could not come back alone.
 REPLACE_AFTER_S = 30.0
@@ -58,57 +58,67 @@ class Watchdog:
         ranks = self._dispatcher.ledger.ranks
         await asyncio.gather(*(self._watch(rank) for rank in range(ranks)))
 
-    async def _probe(self, rank: int) -> bool:
+    async def _probe(self, rank: int) -> float | None:
+        """When the rank answered a one-token request; None if it did not
+        within the timeout (the request is then aborted)."""
         pool = self._dispatcher.pool
         assert pool is not None
-        probe = asyncio.ensure_future(pool.probe(rank))
         try:
-            await asyncio.wait_for(asyncio.shield(probe), self._timeout)
-        except TimeoutError:
-            await asyncio.wait([probe], timeout=PROBE_GRACE_S)
-        except Exception:
-            pass  # raised by the probe itself: checked below
-        if not probe.done():
-            probe.cancel()
-            with contextlib.suppress(BaseException):
-                await probe
-            return False
-        return not probe.cancelled() and probe.exception() is None
+            await asyncio.wait_for(pool.probe(rank), self._timeout)
+        except Exception:  # no answer in time, or the probe failed
+            return None
+        return time.monotonic()
 
     async def _watch(self, rank: int) -> None:
+        """Every tick: a rank is alive if a probe answered, or it streamed any
+        output, within the timeout. Probes run in the background, one at a
+        time, every `interval`."""
         ledger = self._dispatcher.ledger
+        alive_at = time.monotonic()
         unhealthy_since: float | None = None
+        probe: asyncio.Future[float | None] | None = None
+        probe_started = 0.0
+        tick = time.monotonic()
         while True:
-            started = time.monotonic()
-            # A slow probe on a rank that streamed output meanwhile is a busy
-            # rank, not a hung one.
-            ok = await self._probe(rank) or self._dispatcher.last_output.get(rank, 0.0) > started
+            now = time.monotonic()
+            if now - tick > TICK_S + STALL_S:
+                # The router itself did not run (a whole-machine stall): what
+                # it did not see is no evidence against the rank.
+                alive_at = max(alive_at, now - self._timeout / 2)
+            tick = now
+            if probe is not None and probe.done():
+                answered = probe.result()
+                alive_at = max(alive_at, answered or 0.0)
+                probe = None
+            if probe is None and now - probe_started >= self._interval:
+                probe, probe_started = asyncio.ensure_future(self._probe(rank)), now
             healthy = ledger.healthy(rank)
-            if ok and not healthy:
+            if healthy and unhealthy_since is not None:  # it rejoined with a new client
+                alive_at, unhealthy_since = now, None
+            alive = max(alive_at, self._dispatcher.last_output.get(rank, 0.0)) > now - self._timeout
+            if alive and not healthy:
                 ledger.set_healthy(rank, True)
                 unhealthy_since = None
                 log.info("rank healthy again", extra={"rank": rank})
                 await self._on_change()
-            elif not ok and healthy:
+            elif not alive and healthy:
                 ledger.set_healthy(rank, False)
-                unhealthy_since = time.monotonic()
+                unhealthy_since = now
                 log.warning(
-                    "rank unhealthy: its probe did not answer",
+                    "rank unhealthy: no answer and no output",
                     extra={"rank": rank, "timeout_s": self._timeout},
                 )
                 await self._fail_requests(rank)
                 await self._on_change()
             elif (
-                not ok
+                not alive
                 and unhealthy_since is not None
-                and time.monotonic() - unhealthy_since > self._replace_after
+                and now - unhealthy_since > self._replace_after
                 and self._replace(rank)
             ):
-                log.warning(
-                    "rank presumed dead; waiting for it to join again", extra={"rank": rank}
-                )
+                log.warning("rank presumed dead; waiting for it to rejoin", extra={"rank": rank})
                 unhealthy_since = None
-            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+            await asyncio.sleep(TICK_S)
 
     async def _fail_requests(self, rank: int) -> None:
         failed = await self._dispatcher.fail_rank(rank)
