@@ -74,10 +74,12 @@ class Watchdog:
         output, within the timeout. Probes run in the background, one at a
         time, every `interval`."""
         ledger = self._dispatcher.ledger
-        alive_at = time.monotonic()
+        # A rank that has just joined gets twice the timeout for its first answer.
+        alive_at = time.monotonic() + self._timeout
         unhealthy_since: float | None = None
         probe: asyncio.Future[float | None] | None = None
         probe_started = 0.0
+        was_healthy = ledger.healthy(rank)
         tick = time.monotonic()
         while True:
             now = time.monotonic()
@@ -93,8 +95,8 @@ class Watchdog:
             if probe is None and now - probe_started >= self._interval:
                 probe, probe_started = asyncio.ensure_future(self._probe(rank)), now
             healthy = ledger.healthy(rank)
-            if healthy and unhealthy_since is not None:  # it rejoined with a new client
-                alive_at, unhealthy_since = now, None
+            if healthy and not was_healthy:  # it joined (or rejoined with a new client)
+                alive_at, unhealthy_since = now + self._timeout, None
             alive = max(alive_at, self._dispatcher.last_output.get(rank, 0.0)) > now - self._timeout
             if alive and not healthy:
                 ledger.set_healthy(rank, True)
@@ -118,6 +120,7 @@ class Watchdog:
             ):
                 log.warning("rank presumed dead; waiting for it to rejoin", extra={"rank": rank})
                 unhealthy_since = None
+            was_healthy = ledger.healthy(rank)
             await asyncio.sleep(TICK_S)
 
     async def _fail_requests(self, rank: int) -> None:
