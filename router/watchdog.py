@@ -74,8 +74,10 @@ class Watchdog:
         output, within the timeout. Probes run in the background, one at a
         time, every `interval`."""
         ledger = self._dispatcher.ledger
-        # A rank that has just joined gets twice the timeout for its first answer.
-        alive_at = time.monotonic() + self._timeout
+        answered_at = 0.0  # when a probe last answered
+        # Until then the rank is not failed without evidence: after it joins
+        # (its first answer takes a moment) and after a stall of the router.
+        grace_until = time.monotonic() + self._timeout
         unhealthy_since: float | None = None
         probe: asyncio.Future[float | None] | None = None
         probe_started = 0.0
@@ -86,24 +88,24 @@ class Watchdog:
             if now - tick > TICK_S + STALL_S:
                 # The router itself did not run (a whole-machine stall): what
                 # it did not see is no evidence against the rank.
-                alive_at = max(alive_at, now - self._timeout / 2)
+                grace_until = max(grace_until, now + self._timeout / 2)
             tick = now
             if probe is not None and probe.done():
-                answered = probe.result()
-                alive_at = max(alive_at, answered or 0.0)
+                answered_at = max(answered_at, probe.result() or 0.0)
                 probe = None
             if probe is None and now - probe_started >= self._interval:
                 probe, probe_started = asyncio.ensure_future(self._probe(rank)), now
             healthy = ledger.healthy(rank)
             if healthy and not was_healthy:  # it joined (or rejoined with a new client)
-                alive_at, unhealthy_since = now + self._timeout, None
-            alive = max(alive_at, self._dispatcher.last_output.get(rank, 0.0)) > now - self._timeout
-            if alive and not healthy:
+                grace_until, unhealthy_since = now + self._timeout, None
+            last_sign = max(answered_at, self._dispatcher.last_output.get(rank, 0.0))
+            answered = last_sign > now - self._timeout
+            if answered and not healthy:
                 ledger.set_healthy(rank, True)
                 unhealthy_since = None
                 log.info("rank healthy again", extra={"rank": rank})
                 await self._on_change()
-            elif not alive and healthy:
+            elif not answered and now > grace_until and healthy:
                 ledger.set_healthy(rank, False)
                 unhealthy_since = now
                 log.warning(
@@ -113,7 +115,7 @@ class Watchdog:
                 await self._fail_requests(rank)
                 await self._on_change()
             elif (
-                not alive
+                not answered
                 and unhealthy_since is not None
                 and now - unhealthy_since > self._replace_after
                 and self._replace(rank)
