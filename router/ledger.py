@@ -93,10 +93,6 @@ class Ledger:
     def set_drained(self, rank: int, drained: bool) -> None:
         self._drained[rank] = drained
 
-    def on_rank(self, rank: int) -> list[str]:
-        """The engine request ids the router has on the rank."""
-        return [request_id for request_id, e in self._entries.items() if e.rank == rank]
-
     def reserve(self, request_id: str, rank: int, prompt_tokens: int) -> None:
         """A request was routed to `rank`."""
         counts = self._counts[rank]

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -39,16 +40,18 @@ def broken_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
         yield cluster
 
 
-@pytest.fixture
-async def stubs(
-    broken_cluster: LocalCluster,
-) -> AsyncIterator[
-    tuple[
+if TYPE_CHECKING:  # the async stub types exist only in the type stubs
+    Stubs = tuple[
         generate_pb2_grpc.GenerateServiceAsyncStub,
         ranks_pb2_grpc.RanksServiceAsyncStub,
         health_pb2_grpc.HealthStub,
     ]
-]:
+
+
+@pytest.fixture
+async def stubs(
+    broken_cluster: LocalCluster,
+) -> AsyncIterator[Stubs]:
     async with grpc.aio.insecure_channel(broken_cluster.spec.listen) as channel:
         yield (
             generate_pb2_grpc.GenerateServiceStub(channel),
@@ -84,11 +87,7 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
 
 async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmitted(
     broken_cluster: LocalCluster,
-    stubs: tuple[
-        generate_pb2_grpc.GenerateServiceAsyncStub,
-        ranks_pb2_grpc.RanksServiceAsyncStub,
-        health_pb2_grpc.HealthStub,
-    ],
+    stubs: Stubs,
 ) -> None:
     generate, ranks, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
@@ -132,11 +131,7 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
 
 async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     broken_cluster: LocalCluster,
-    stubs: tuple[
-        generate_pb2_grpc.GenerateServiceAsyncStub,
-        ranks_pb2_grpc.RanksServiceAsyncStub,
-        health_pb2_grpc.HealthStub,
-    ],
+    stubs: Stubs,
 ) -> None:
     generate, _, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
