@@ -128,16 +128,27 @@ class _CountsRecorder(StatLoggerBase):
 
 
 def _yield_between_output_batches(llm: AsyncLLM) -> None:
-    """Makes vLLM's output handler let other tasks run after each batch.
+    """Makes vLLM's two output loops let other tasks run after each message.
 
-    Its loop awaits the next batch of engine outputs, and an await on data
-    that is already there does not yield to the event loop. When the router
-    falls behind the engines (a busy host), the loop works through the whole
-    backlog before any request handler runs: deltas then pile up in vLLM's
-    per-request queues (a 6,000-token stream arrived as one message), and
-    gRPC sends and client cancellations wait as long. One yield per batch
-    lets the handlers stream each batch as it is processed.
+    vLLM reads engine outputs in two loops: one moves messages from the ZMQ
+    socket to a queue, the other takes them from the queue to the requests.
+    Each awaits data that, when the router is behind the engines (a busy
+    host), is already there, and such an await does not yield to the event
+    loop. Each loop then works through its backlog with nothing else running,
+    and an engine that produces as fast as the router reads keeps it there:
+    the router answered nothing for 10-20 s while one 15,000-token request
+    streamed (deadlines, cancels and the watchdog all waited), and a 6,000-
+    token stream arrived as one message. One yield per message in each loop
+    lets everything else run in between.
     """
+    socket = llm.engine_core.resources.output_socket
+    receive = socket.recv_multipart
+
+    async def receive_after_yielding(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        return await receive(*args, **kwargs)
+
+    socket.recv_multipart = receive_after_yielding
     core = llm.engine_core
     get_output = core.get_output_async
 
