@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -142,21 +142,19 @@ def _yield_between_output_batches(llm: AsyncLLM) -> None:
     lets everything else run in between.
     """
     socket = llm.engine_core.resources.output_socket
-    receive = socket.recv_multipart
+    socket.recv_multipart = _after_a_yield(socket.recv_multipart)
+    core = llm.engine_core
+    core.get_output_async = _after_a_yield(core.get_output_async)
+
+
+def _after_a_yield(receive: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """`receive`, preceded by one turn of the event loop for everyone else."""
 
     async def receive_after_yielding(*args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(0)
         return await receive(*args, **kwargs)
 
-    socket.recv_multipart = receive_after_yielding
-    core = llm.engine_core
-    get_output = core.get_output_async
-
-    async def get_output_after_yielding() -> Any:
-        await asyncio.sleep(0)
-        return await get_output()
-
-    core.get_output_async = get_output_after_yielding
+    return receive_after_yielding
 
 
 def rank_group_args(engine_args: argparse.Namespace, rpc_port: int) -> argparse.Namespace:
