@@ -199,6 +199,8 @@ class EngineClient:
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
         # The KV block size; vLLM's prefix cache reuses whole blocks only.
         self.block_size: int = llm.vllm_config.cache_config.block_size
+        # The requests one engine runs at once; more wait in its queue.
+        self.max_num_seqs: int = llm.vllm_config.scheduler_config.max_num_seqs
 
     @classmethod
     def start(cls, engine_args: argparse.Namespace, in_process: bool = False) -> EngineClient:
