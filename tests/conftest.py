@@ -163,7 +163,7 @@ async def wait_for_idle_engines(
 ) -> None:
     """Waits until every engine reports no waiting or running request and the
     router has none in flight. An engine reports as it steps; the router's
-    probe makes one that last reported requests step every second."""
+    probes make every engine step every second."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)

@@ -144,6 +144,8 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
 ) -> None:
     generate, ranks, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
+    # It has answered since it joined: a rank that has not gets more time.
+    await routed(generate, request("first", data_parallel_rank=1))
     keys = keys_homed_on(1, 4)
     server = broken_cluster.ranks[1]
     os.killpg(server.pid, signal.SIGSTOP)  # a hang, not a death
