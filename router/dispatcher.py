@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,8 +95,6 @@ class Dispatcher:
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
         self._streaming: dict[str, _Streaming] = {}  # by engine id
-        # When each rank last produced output: the watchdog's proof of progress.
-        self.last_output: dict[int, float] = {}
 
     def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
         """The ranks (some, at least) have joined: route with `policy`."""
@@ -254,7 +251,6 @@ class Dispatcher:
                         finally:
                             streaming.in_engine = False
                         self.ledger.prefilled(engine_id)
-                        self.last_output[job.rank] = time.monotonic()
                         if delta.finished:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)

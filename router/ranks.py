@@ -49,7 +49,12 @@ class RankPool(Protocol):
     async def abort(self, request_id: str, rank: int) -> None: ...
 
     async def probe(self, rank: int) -> None:
-        """Returns once the rank's engine has run one token; hangs if it cannot."""
+        """Returns once the rank's engine loop has answered; hangs if it cannot."""
+        ...
+
+    def last_heard(self, rank: int) -> float:
+        """When the rank's engine last sent outputs (`time.monotonic()`; 0.0
+        if never): proof of progress while it has work."""
         ...
 
     async def fail(self, rank: int) -> int:
@@ -106,6 +111,9 @@ class CoupledRanks:
 
     async def probe(self, rank: int) -> None:
         await self._client.probe(rank)
+
+    def last_heard(self, rank: int) -> float:
+        return self._client.last_heard()[rank]
 
     async def fail(self, rank: int) -> int:
         return await self._client.fail_all()
@@ -176,6 +184,10 @@ class IndependentRanks:
 
     async def probe(self, rank: int) -> None:
         await self._client(rank).probe(None)
+
+    def last_heard(self, rank: int) -> float:
+        client = self._clients[rank]
+        return client.last_heard()[0] if client is not None else 0.0
 
     async def fail(self, rank: int) -> int:
         return await self._client(rank).fail_all()
