@@ -215,9 +215,10 @@ class Bench:
                         run = load.run(batch, concurrency, pid)
                         results[name].setdefault(concurrency, []).append(run)
                         tokens = sum(t.output_tokens for t in run.timings)
+                        first_error = f" ({run.errors[0]})" if run.errors else ""
                         print(f"{model.name} round {round_ + 1} c={concurrency} {name}: "
-                              f"{tokens / run.wall_s:,.0f} tok/s, {len(run.errors)} errors, "
-                              f"load average {load_average()}", flush=True)  # fmt: skip
+                              f"{tokens / run.wall_s:,.0f} tok/s, {len(run.errors)} errors"
+                              f"{first_error}, load {load_average()}", flush=True)  # fmt: skip
         return results
 
     def ceiling(self) -> Results:
