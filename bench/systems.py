@@ -120,7 +120,11 @@ def dprouter(deployment: Deployment) -> Iterator[Running]:
         rpc_port=free_ports(deployment.ranks), max_model_len=deployment.max_model_len,
         log_dir=deployment.log_dir / f"dprouter-{deployment.ranks}",
     )  # fmt: skip
-    with LocalCluster(spec).serving(deployment.start_timeout) as cluster:
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(LocalCluster(spec).serving(deployment.start_timeout))
+        except (RuntimeError, TimeoutError) as e:  # a process died, or no SERVING
+            raise Unavailable(f"did not start: {e} (logs: {spec.log_dir})") from e
         assert cluster.router is not None
         yield Running(spec.listen, cluster.router.pid)
 
