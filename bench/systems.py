@@ -124,7 +124,8 @@ def dprouter(deployment: Deployment) -> Iterator[Running]:
         try:
             cluster = stack.enter_context(LocalCluster(spec).serving(deployment.start_timeout))
         except (RuntimeError, TimeoutError) as e:  # a process died, or no SERVING
-            raise Unavailable(f"did not start: {e} (logs: {spec.log_dir})") from e
+            what = "a process exited" if isinstance(e, RuntimeError) else str(e)
+            raise Unavailable(f"did not start: {what} (logs: {spec.log_dir})") from e
         assert cluster.router is not None
         yield Running(spec.listen, cluster.router.pid)
 
