@@ -93,7 +93,7 @@ async def serve(config: RouterConfig) -> int:
     """Runs the router until a signal; the process exit code."""
     if tracing.setup():
         log.info("tracing to OTLP")
-    dispatcher = Dispatcher(config.limits)
+    dispatcher = Dispatcher(config.limits, config.max_queue_per_rank, config.max_in_flight)
     health = RouterHealth()
     server = build_server(dispatcher, health, config)
     serve_port(server, config)

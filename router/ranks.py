@@ -29,6 +29,7 @@ class RankPool(Protocol):
 
     limits: ModelLimits
     block_size: int  # tokens per KV block, the unit of vLLM's prefix cache
+    capacity: int  # requests one rank's engine runs at once (max_num_seqs)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -86,6 +87,7 @@ class CoupledRanks:
         self._client = client
         self.limits = _limits(client, client.data_parallel_size)
         self.block_size = client.block_size
+        self.capacity = client.max_num_seqs
 
     def encode(self, text: str) -> list[int]:
         return self._client.encode(text)
@@ -138,6 +140,7 @@ class IndependentRanks:
         self._clients[rank] = client
         self.limits = _limits(client, ranks)
         self.block_size = client.block_size
+        self.capacity = client.max_num_seqs
 
     def join(self, rank: int, client: EngineClient) -> None:
         """Adds a rank's client; it must serve the same model as the others."""

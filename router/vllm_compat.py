@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -83,6 +84,11 @@ def run_rank_server(args: argparse.Namespace) -> None:
     """Runs vLLM's headless data-parallel engines until they exit or a signal."""
     args.headless = True
     args.api_server_count = 0
+    # A data-parallel group of one (an independent rank) takes the router's
+    # address from this variable, not from --data-parallel-address (vLLM
+    # 0.32's ParallelConfig): without it, a rank on another host would
+    # knock on its own 127.0.0.1.
+    os.environ["VLLM_DP_MASTER_IP"] = args.data_parallel_address
     run_headless(args)
 
 
@@ -199,6 +205,8 @@ class EngineClient:
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
         # The KV block size; vLLM's prefix cache reuses whole blocks only.
         self.block_size: int = llm.vllm_config.cache_config.block_size
+        # The requests one engine runs at once; more wait in its queue.
+        self.max_num_seqs: int = llm.vllm_config.scheduler_config.max_num_seqs
 
     @classmethod
     def start(cls, engine_args: argparse.Namespace, in_process: bool = False) -> EngineClient:

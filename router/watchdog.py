@@ -32,6 +32,8 @@ TICK_S = 0.25
 # A tick this late means the router itself was not running (whole-machine
 # stalls of 7-8 s were seen on 2-core hosts).
 STALL_S = 1.0
+# A rank that has just joined has this many timeouts to give its first answer.
+JOIN_GRACE_TIMEOUTS = 3
 # Long enough that a rank that is only slow (a host starved of CPU) is not
 # given up on: its old client is shut down, so it could not come back alone.
 REPLACE_AFTER_S = 30.0
@@ -78,9 +80,11 @@ class Watchdog:
         pool = self._dispatcher.pool
         assert pool is not None
         answered_at = 0.0  # when a probe last answered
-        # Until then the rank is not failed without evidence: after it joins
-        # (its first answer takes a moment) and after a stall of the router.
-        grace_until = time.monotonic() + self._timeout
+        # A rank is not failed without evidence: until it has answered once
+        # since it joined (first answers took 3-7 s on a busy 2-core host),
+        # for up to JOIN_GRACE_TIMEOUTS timeouts, and until `grace_until`
+        # after a stall of the router.
+        joined_at = grace_until = time.monotonic()
         unhealthy_since: float | None = None
         probe: asyncio.Future[float | None] | None = None
         probe_started = 0.0
@@ -100,15 +104,18 @@ class Watchdog:
                 probe, probe_started = asyncio.ensure_future(self._probe(rank)), now
             healthy = ledger.healthy(rank)
             if healthy and not was_healthy:  # it joined (or rejoined with a new client)
-                grace_until, unhealthy_since = now + self._timeout, None
+                joined_at, unhealthy_since = now, None
             last_sign = max(answered_at, pool.last_heard(rank))
             answered = last_sign > now - self._timeout
+            first_answer_due = last_sign < joined_at and (
+                now < joined_at + JOIN_GRACE_TIMEOUTS * self._timeout
+            )
             if answered and not healthy:
                 ledger.set_healthy(rank, True)
                 unhealthy_since = None
                 log.info("rank healthy again", extra={"rank": rank})
                 await self._on_change()
-            elif not answered and now > grace_until and healthy:
+            elif not answered and now > grace_until and not first_answer_due and healthy:
                 ledger.set_healthy(rank, False)
                 unhealthy_since = now
                 log.warning(

@@ -74,6 +74,11 @@ class ClusterSpec:
     # How to reach a router started with --tls-cert (and a client certificate
     # for --tls-client-ca); None is plaintext.
     credentials: grpc.ChannelCredentials | None = None
+    # Where the router takes the ranks' connections (vLLM's data-parallel RPC).
+    data_parallel_address: str = "127.0.0.1"
+    # Ranks whose server runs in a network namespace (`ip netns exec`), as if
+    # on another host: rank -> namespace name.
+    rank_netns: dict[int, str] = field(default_factory=dict)
 
     def channel(self) -> grpc.Channel:
         """A blocking channel to the router, with the spec's credentials."""
@@ -86,7 +91,7 @@ class ClusterSpec:
         return [
             "--model", self.model,
             "--max-model-len", str(self.max_model_len),
-            "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-address", self.data_parallel_address,
             # Prefix-affinity routing pays off only where vLLM reuses the KV blocks.
             "--enable-prefix-caching",
             *self.engine_flags,
@@ -124,7 +129,7 @@ class LocalCluster:
         self._logs: list[IO[bytes]] = []
 
     def _spawn(
-        self, name: str, args: Sequence[str], env: dict[str, str]
+        self, name: str, args: Sequence[str], env: dict[str, str], prefix: Sequence[str] = ()
     ) -> subprocess.Popen[bytes]:
         out: IO[bytes] | None = None
         if self.spec.log_dir is not None:
@@ -132,7 +137,7 @@ class LocalCluster:
             out = open(self.spec.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
             self._logs.append(out)
         return subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             env={**os.environ, **self.spec.env, **env},
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
@@ -149,7 +154,10 @@ class LocalCluster:
                 "VLLM_CPU_OMP_THREADS_BIND", str(rank % cores)
             ),
         }
-        return self._spawn(name, ["-m", "server", *self.spec.rank_flags(rank)], env)
+        netns = self.spec.rank_netns.get(rank)
+        # `ip netns exec` execs the command: the process is still the rank server.
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        return self._spawn(name, ["-m", "server", *self.spec.rank_flags(rank)], env, prefix)
 
     def start(self) -> None:
         spec = self.spec
