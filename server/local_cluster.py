@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # What the tests and `make run` give every engine on a small CPU machine.
 CPU_ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (independent rank k joins on
+    the router's rpc port + k)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
 
 
 @dataclass
@@ -229,6 +252,15 @@ class LocalCluster:
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Stops a process started in its own session, and every process it
+    spawned there: SIGTERM, then SIGKILL after `timeout` or for what remains."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+    _wait(proc, timeout)
+    _signal_group(proc, signal.SIGKILL)
 
 
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
