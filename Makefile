@@ -147,11 +147,17 @@ test: $(STUBS) models check breaking examples
 # bench.compare (dprouter against vLLM's servers and the in-process floor) also
 # writes bench/results/<date>.md and a plot; BENCH_ARGS=--quick for a smoke test.
 BENCH_ARGS ?=
-bench: $(STUBS) models build/go/load
+BENCH_STAMP := $(VENV)/.installed-bench
+bench: $(STUBS) $(BENCH_STAMP) models build/go/load
 	$(PY) -m bench.routing cost
 	$(PY) -m bench.routing balance
 	$(PY) -m bench.routing prefix
 	$(PY) -m bench.compare $(BENCH_ARGS)
+
+# vLLM's own gRPC server, matplotlib and py-spy: the bench extra, for make bench only.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[bench]"
+	touch $@
 
 # The Go load client of bench.compare.
 build/go/load: $(GO_STUBS) clients/go/src/dprouter/cmd/load/main.go

@@ -18,7 +18,7 @@ import argparse
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from router.app import build_server, serve_port
 from router.config import parse_args
@@ -74,8 +74,11 @@ class StandInRank:
     def last_heard(self, rank: int) -> float:
         return time.monotonic()  # always answering: the watchdog is not measured
 
-    async def fail(self, rank: int) -> int:
-        return 0
+    def dropped_at(self, rank: int) -> float:
+        return 0.0
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        pass
 
     def engine_loads(self) -> list[EngineLoad]:
         return [EngineLoad()]
