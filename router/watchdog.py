@@ -80,6 +80,8 @@ class Watchdog:
         pool = self._dispatcher.pool
         assert pool is not None
         answered_at = 0.0  # when a probe last answered
+        answered_sent = 0.0  # when that probe was sent
+        failed_at = 0.0  # when the rank was last found unhealthy
         # A rank is not failed without evidence: until it has answered once
         # since it joined (first answers took 3-7 s on a busy 2-core host),
         # for up to JOIN_GRACE_TIMEOUTS timeouts, and until `grace_until`
@@ -99,7 +101,8 @@ class Watchdog:
                 stalled_at = now
             tick = now
             if probe is not None and probe.done():
-                answered_at = max(answered_at, probe.result() or 0.0)
+                if (answer := probe.result()) is not None:
+                    answered_at, answered_sent = answer, probe_started
                 probe = None
             if probe is None and now - probe_started >= self._interval:
                 probe, probe_started = asyncio.ensure_future(self._probe(rank)), now
@@ -116,7 +119,9 @@ class Watchdog:
             first_answer_due = not last_sign and (
                 now < joined_at + JOIN_GRACE_TIMEOUTS * self._timeout
             )
-            if answered and not healthy:
+            # Back only on a probe sent after the failure: outputs the router
+            # reads late (it was busy) may have left the engine before.
+            if answered and not healthy and answered_sent >= failed_at:
                 ledger.set_healthy(rank, True)
                 unhealthy_since = None
                 log.info("rank healthy again", extra={"rank": rank})
@@ -125,7 +130,7 @@ class Watchdog:
                 dropped or (now > grace_until and not first_answer_due and not answered)
             ):
                 ledger.set_healthy(rank, False)
-                unhealthy_since = now
+                unhealthy_since = failed_at = now
                 log.warning(
                     "rank unhealthy: its connection dropped"
                     if dropped
