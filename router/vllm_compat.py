@@ -40,6 +40,7 @@ __all__ = [
     "new_flexible_parser",
     "rank_group_args",
     "run_rank_server",
+    "with_traces_endpoint",
 ]
 
 # The engine rejected the request itself (bad parameters for this model).
@@ -146,6 +147,17 @@ def _yield_between_output_batches(llm: AsyncLLM) -> None:
         return await get_output()
 
     core.get_output_async = get_output_after_yielding
+
+
+def with_traces_endpoint(engine_args: argparse.Namespace, endpoint: str) -> argparse.Namespace:
+    """The engine flags with vLLM's request tracing on (unless the operator
+    set --otlp-traces-endpoint). Without it vLLM drops the `traceparent` we
+    pass; with it, the router's process emits vLLM's `llm_request` span
+    (through the global tracer provider, which the router installed first)."""
+    args = argparse.Namespace(**vars(engine_args))
+    if args.otlp_traces_endpoint is None:
+        args.otlp_traces_endpoint = endpoint
+    return args
 
 
 def rank_group_args(engine_args: argparse.Namespace, rpc_port: int) -> argparse.Namespace:
