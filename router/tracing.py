@@ -103,6 +103,14 @@ def traces_endpoint() -> str | None:
     return f"{base.rstrip('/')}/v1/traces" if _protocol() == "http/protobuf" else base
 
 
+# A traceparent with the sampled flag off: under the default parent-based
+# sampler nothing is recorded for a request that carries it. The watchdog's
+# probes (one a second per rank) carry it; vLLM would trace each as a new root.
+UNSAMPLED_HEADERS: Mapping[str, str] = {
+    "traceparent": f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+}
+
+
 def shutdown() -> None:
     """Flushes the spans still in the batch queue."""
     if _provider is not None:

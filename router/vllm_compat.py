@@ -27,6 +27,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
+from router.tracing import UNSAMPLED_HEADERS
 
 __all__ = [
     "EngineClient",
@@ -182,6 +183,9 @@ class EngineClient:
         self._counts = counts
         _yield_between_output_batches(llm)
         self._probes = 0
+        # vLLM traces every finished request when tracing is on; not the probes.
+        tracing = llm.observability_config.otlp_traces_endpoint is not None
+        self._probe_trace_headers = UNSAMPLED_HEADERS if tracing else None
         model_config = llm.model_config
         self.max_model_len: int = model_config.max_model_len
         self.max_logprobs: int = model_config.max_logprobs
@@ -272,7 +276,11 @@ class EngineClient:
             max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
         )
         async for _ in self._llm.generate(
-            tokens_input([0]), params, f"probe-{rank}-{self._probes}", data_parallel_rank=rank
+            tokens_input([0]),
+            params,
+            f"probe-{rank}-{self._probes}",
+            data_parallel_rank=rank,
+            trace_headers=self._probe_trace_headers,
         ):
             pass
 

@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from server.local_cluster import LocalCluster
 from tests.conftest import LONG_TOKENS, ROOT, OtlpReceiver
 
 GENERATE = "dprouter.v1.GenerateService/Generate"
@@ -332,3 +333,14 @@ def test_otlp_over_http_follows_the_standard_variables(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"http://127.0.0.1:{port}/v1/traces"
     assert receiver.names == ["over-http"]
+
+
+async def test_watchdog_probes_leave_no_traces(
+    cluster: LocalCluster, otlp_receiver: tuple[OtlpReceiver, int]
+) -> None:
+    """The watchdog runs a one-token request on every rank every second;
+    vLLM would make each a trace of its own (an `llm_request` root)."""
+    receiver, _ = otlp_receiver
+    await asyncio.sleep(3)  # three rounds of probes, at least, exported by now
+    roots = [s for s in receiver.spans() if s.name == "llm_request" and not s.parent_span_id]
+    assert roots == []
