@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -78,6 +79,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self._ranks: dict[int, _RankSeries] = {}
+
+    def series(self, rank: int) -> _RankSeries:
+        """The rank's series, looked up once: `labels()` costs more than an observation."""
+        if (series := self._ranks.get(rank)) is None:
+            label = str(rank)
+            series = self._ranks[rank] = _RankSeries(
+                self._output_tokens.labels(label),
+                self._ttft.labels(label),
+                self._itl.labels(label),
+            )
+        return series
+
     def finished(self, method: str, code: str) -> None:
         self._requests.labels(method, code).inc()
 
@@ -101,6 +115,13 @@ class Metrics:
         return server
 
 
+@dataclass(frozen=True)
+class _RankSeries:
+    output_tokens: Counter
+    ttft: Histogram
+    itl: Histogram
+
+
 class StreamTimer:
     """One request's token timings: the first token, then the gaps between
     a choice's tokens (a delta of k tokens counts k gaps of 1/k its wait)."""
@@ -116,11 +137,10 @@ class StreamTimer:
         if not tokens:
             return
         now = time.monotonic()
-        label = str(rank)
-        m = self._metrics
-        m._output_tokens.labels(label).inc(tokens)
+        series = self._metrics.series(rank)
+        series.output_tokens.inc(tokens)
         if self._first:
-            m._ttft.labels(label).observe(now - self._arrived)
+            series.ttft.observe(now - self._arrived)
             self._first = False
         gaps = tokens
         if (last := self._last.get(delta.index)) is None:
@@ -128,9 +148,8 @@ class StreamTimer:
             last = now
         if gaps:
             gap = (now - last) / tokens
-            itl = m._itl.labels(label)
             for _ in range(gaps):
-                itl.observe(gap)
+                series.itl.observe(gap)
         self._last[delta.index] = now
 
 
