@@ -104,6 +104,15 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             return list(self._spans)
 
 
+def otlp_env(port: int) -> dict[str, str]:
+    """A router's environment for exporting its spans to the receiver on `port`."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
 @pytest.fixture(scope="session")
 def otlp_receiver() -> Iterator[tuple[OtlpReceiver, int]]:
     receiver = OtlpReceiver()
@@ -135,11 +144,7 @@ def cluster(
         "logs",
         tmp_path_factory,
         router_flags=["--grace-period", str(GRACE_PERIOD_S), "--metrics-listen", metrics_listen],
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
+        env=otlp_env(otlp_port),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster

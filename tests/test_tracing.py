@@ -79,6 +79,22 @@ async def trace_id_of(call: Any, where: str = "initial_metadata") -> bytes:
     return bytes.fromhex(value)
 
 
+async def wait_for_attempts(
+    receiver: OtlpReceiver, trace_id: bytes, count: int, timeout: float = 10
+) -> list[trace_pb2.Span]:
+    """The trace's per-rank attempt spans, first first, once `count` arrived."""
+    for _ in range(int(timeout / 0.1)):
+        spans = [
+            s
+            for s in receiver.spans()
+            if s.trace_id == trace_id and s.name.startswith("text_completion ")
+        ]
+        if len(spans) >= count:
+            return sorted(spans, key=lambda s: s.start_time_unix_nano)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{len(spans)} attempt spans, not {count}")
+
+
 def engine_span_name(spans: dict[str, trace_pb2.Span]) -> str:
     (name,) = [n for n in spans if n.startswith("text_completion ")]
     return name
