@@ -104,7 +104,7 @@ async def serve(config: RouterConfig) -> int:
             config, engine_args=with_traces_endpoint(config.engine_args, endpoint)
         )
     metrics = Metrics()
-    dispatcher = Dispatcher(metrics, config.limits)
+    dispatcher = Dispatcher(metrics, config.limits, config.max_queue_per_rank, config.max_in_flight)
     metrics.watch(dispatcher.loads)
     if config.metrics_listen is not None:
         metrics_server = metrics.serve(config.metrics_listen)

@@ -42,6 +42,8 @@ class RouterConfig:
     log_level: str
     engine_args: argparse.Namespace
     limits: RequestLimits
+    max_queue_per_rank: int | None
+    max_in_flight: int | None
     max_message_bytes: int
     tls: TlsConfig | None
     auth_tokens: frozenset[str]
@@ -112,10 +114,18 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         parser.error(f"--metrics-listen must be HOST:PORT, got {args.metrics_listen!r}")
     if args.affinity_load_factor < 1:
         parser.error("--affinity-load-factor must be at least 1")
-    for flag in ("max_prompt_tokens", "max_n", "max_tokens_limit", "max_message_bytes"):
+    for flag in (
+        "max_prompt_tokens",
+        "max_n",
+        "max_tokens_limit",
+        "max_message_bytes",
+        "max_in_flight",
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_queue_per_rank is not None and args.max_queue_per_rank < 0:
+        parser.error("--max-queue-per-rank must be at least 0")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -140,6 +150,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             max_n=args.max_n,
             max_tokens=args.max_tokens_limit,
         ),
+        max_queue_per_rank=args.max_queue_per_rank,
+        max_in_flight=args.max_in_flight,
         max_message_bytes=args.max_message_bytes,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         auth_tokens=tokens,
@@ -162,6 +174,19 @@ def _add_security_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-n", type=int, help="refuse sampling.n above this")
     limits.add_argument(
         "--max-tokens-limit", type=int, help="refuse sampling.max_tokens above this"
+    )
+    limits.add_argument(
+        "--max-queue-per-rank",
+        type=int,
+        help="requests a rank holds beyond what its engine runs at once (--max-num-seqs); "
+        "when every serving rank is full, requests get RESOURCE_EXHAUSTED with a retry "
+        "delay (default: --max-num-seqs)",
+    )
+    limits.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="requests the router holds in all; beyond, RESOURCE_EXHAUSTED with a retry "
+        "delay (default: only the per-rank bounds)",
     )
     limits.add_argument(
         "--max-message-bytes",

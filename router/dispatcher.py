@@ -20,7 +20,7 @@ import grpc
 from google.rpc import error_details_pb2
 
 from dprouter.v1 import generate_pb2
-from router import validation
+from router import admission, validation
 from router.engine_types import EngineDelta, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, Outcome, RankLoad, RankState
@@ -92,10 +92,18 @@ def _engine_id(request_id: str) -> str:
 
 class Dispatcher:
     def __init__(
-        self, metrics: Metrics, allowed: validation.RequestLimits = validation.NO_LIMITS
+        self,
+        metrics: Metrics,
+        allowed: validation.RequestLimits = validation.NO_LIMITS,
+        max_queue_per_rank: int | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.metrics = metrics
         self.allowed = allowed  # the router's own per-request limits
+        # None: as many as a rank's engine runs at once.
+        self._max_queue_per_rank = max_queue_per_rank
+        self._max_in_flight = max_in_flight
+        self.queue_limits = admission.QueueLimits(1, 0)  # set when the ranks join
         self.pool: RankPool | None = None
         self.policy: Policy | None = None
         self.ledger = Ledger(0)
@@ -105,14 +113,16 @@ class Dispatcher:
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
         self._streaming: dict[str, _Streaming] = {}  # by engine id
-        # When each rank last produced output: the watchdog's proof of progress.
-        self.last_output: dict[int, float] = {}
 
     def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
         """The ranks (some, at least) have joined: route with `policy`."""
         self.ledger = ledger
         self.policy = policy
         self.pool = pool
+        queue = self._max_queue_per_rank
+        self.queue_limits = admission.QueueLimits(
+            pool.capacity, pool.capacity if queue is None else queue, self._max_in_flight
+        )
 
     def loads(self) -> list[RankLoad]:
         return self.ledger.loads(self.pool.engine_loads() if self.pool is not None else None)
@@ -146,25 +156,36 @@ class Dispatcher:
             ) from None
         return _Admitted(checked, ids, sampling, params)
 
-    def _route(self, admitted: _Admitted) -> Decision:
-        """The policy's decision, or the pin's; nothing is committed yet."""
+    def _route(self, admitted: _Admitted, deadline_s: float | None) -> Decision:
+        """The policy's decision, or the pin's; nothing is committed yet.
+        Refuses the request when no rank has room for it, or it cannot
+        expect its first token before its deadline."""
         self._pool()
-        loads = self.loads()
+        limits = self.queue_limits
+        loads = admission.mark_full(self.loads(), limits)
+        admission.check_router_bound(loads, limits)
         pin = admitted.checked.rank_pin
         if pin is None:
             assert self.policy is not None  # attached with the pool
             route = RouteInput(admitted.prompt_token_ids, admitted.checked.session_key)
             decision = self.policy.decide(route, loads)
             if decision.rank is None:
+                if any(load.state is RankState.SERVING for load in loads):
+                    raise admission.all_full(loads, limits)
                 raise unavailable("no rank is serving")
-            return decision
-        state = loads[pin.rank].state
-        if state is RankState.DRAINING:
-            raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
-        if state is RankState.UNHEALTHY:
-            raise unavailable(f"rank {pin.rank} is unhealthy")
-        candidates = [Candidate(load.rank, load_score(load)) for load in loads]
-        return Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+            rank = decision.rank
+        else:
+            state = loads[pin.rank].state
+            if state is RankState.DRAINING:
+                raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
+            if state is RankState.UNHEALTHY:
+                raise unavailable(f"rank {pin.rank} is unhealthy")
+            admission.check_rank_room(loads[pin.rank], limits)
+            candidates = [Candidate(load.rank, load_score(load)) for load in loads]
+            decision = Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+            rank = pin.rank
+        admission.check_deadline(loads[rank], limits, deadline_s)
+        return decision
 
     def explain(
         self,
@@ -173,17 +194,19 @@ class Dispatcher:
     ) -> tuple[Decision, int]:
         """Where the request would go now, and its prompt's length; a dry run."""
         admitted = self._admit(request, metadata)
-        return self._route(admitted), len(admitted.prompt_token_ids)
+        return self._route(admitted, None), len(admitted.prompt_token_ids)
 
     def prepare(
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
         trace: RequestTrace,
+        deadline_s: float | None = None,
     ) -> Job:
         """Checks, routes and counts the request on its rank, each step in a
         span of the request's trace. The caller must `run` the job or
-        `release` it."""
+        `release` it. `deadline_s`: the seconds left to the request's
+        deadline, if it has one."""
         arrived = time.monotonic()
         with trace.stage("validate"):
             admitted = self._admit(request, metadata)
@@ -195,7 +218,7 @@ class Dispatcher:
             session=checked.session_key,
         )
         with trace.stage("route") as span:
-            decision = self._route(admitted)
+            decision = self._route(admitted, deadline_s)
             assert decision.rank is not None
             self._commit(decision)
             job = Job(
@@ -287,7 +310,6 @@ class Dispatcher:
                         finally:
                             streaming.in_engine = False
                         self.ledger.prefilled(engine_id)
-                        self.last_output[job.rank] = time.monotonic()
                         attempt.output(delta)
                         timer.output(job.rank, delta)
                         if delta.finished:
@@ -375,9 +397,9 @@ class Dispatcher:
         self.release(job, Outcome.FAILED)
         assert self.policy is not None
         route = RouteInput(job.prompt_token_ids, job.session_key)
-        decision = self.policy.decide(route, self.loads())
+        decision = self.policy.decide(route, admission.mark_full(self.loads(), self.queue_limits))
         if decision.rank is None:
-            raise unavailable(f"rank {job.rank} failed and no other rank is serving")
+            raise unavailable(f"rank {job.rank} failed and no other rank has room")
         self._commit(decision)
         log.info(
             "retrying on another rank",

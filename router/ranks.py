@@ -29,6 +29,7 @@ class RankPool(Protocol):
 
     limits: ModelLimits
     block_size: int  # tokens per KV block, the unit of vLLM's prefix cache
+    capacity: int  # requests one rank's engine runs at once (max_num_seqs)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -49,7 +50,12 @@ class RankPool(Protocol):
     async def abort(self, request_id: str, rank: int) -> None: ...
 
     async def probe(self, rank: int) -> None:
-        """Returns once the rank's engine has run one token; hangs if it cannot."""
+        """Returns once the rank's engine loop has answered; hangs if it cannot."""
+        ...
+
+    def last_heard(self, rank: int) -> float:
+        """When the rank's engine last sent outputs (`time.monotonic()`; 0.0
+        if never): proof of progress while it has work."""
         ...
 
     async def fail(self, rank: int) -> int:
@@ -81,6 +87,7 @@ class CoupledRanks:
         self._client = client
         self.limits = _limits(client, client.data_parallel_size)
         self.block_size = client.block_size
+        self.capacity = client.max_num_seqs
 
     def encode(self, text: str) -> list[int]:
         return self._client.encode(text)
@@ -107,6 +114,9 @@ class CoupledRanks:
     async def probe(self, rank: int) -> None:
         await self._client.probe(rank)
 
+    def last_heard(self, rank: int) -> float:
+        return self._client.last_heard()[rank]
+
     async def fail(self, rank: int) -> int:
         return await self._client.fail_all()
 
@@ -130,6 +140,7 @@ class IndependentRanks:
         self._clients[rank] = client
         self.limits = _limits(client, ranks)
         self.block_size = client.block_size
+        self.capacity = client.max_num_seqs
 
     def join(self, rank: int, client: EngineClient) -> None:
         """Adds a rank's client; it must serve the same model as the others."""
@@ -176,6 +187,10 @@ class IndependentRanks:
 
     async def probe(self, rank: int) -> None:
         await self._client(rank).probe(None)
+
+    def last_heard(self, rank: int) -> float:
+        client = self._clients[rank]
+        return client.last_heard()[0] if client is not None else 0.0
 
     async def fail(self, rank: int) -> int:
         return await self._client(rank).fail_all()

@@ -205,7 +205,9 @@ class _Rpc:
     ) -> tuple[Job, AsyncIterator[EngineDelta]]:
         """Checks and routes the request, sends the response metadata and
         returns the engine's stream."""
-        job = outcome.job = self.dispatcher.prepare(request, _metadata(context), trace)
+        job = outcome.job = self.dispatcher.prepare(
+            request, _metadata(context), trace, context.time_remaining()
+        )
         outcome.prompt_tokens = len(job.prompt_token_ids)
         metadata = [
             (RANK_METADATA_KEY, str(job.rank)),

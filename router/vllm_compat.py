@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -129,23 +130,41 @@ class _CountsRecorder(StatLoggerBase):
         pass
 
 
-def _yield_between_output_batches(llm: AsyncLLM) -> None:
-    """Makes vLLM's output handler let other tasks run after each batch.
+def _watch_output_batches(llm: AsyncLLM, heard: dict[int, float]) -> None:
+    """Notes when each engine last sent outputs, and makes vLLM's two output
+    loops let other tasks run after each message.
 
-    Its loop awaits the next batch of engine outputs, and an await on data
-    that is already there does not yield to the event loop. When the router
-    falls behind the engines (a busy host), the loop works through the whole
-    backlog before any request handler runs: deltas then pile up in vLLM's
-    per-request queues (a 6,000-token stream arrived as one message), and
-    gRPC sends and client cancellations wait as long. One yield per batch
-    lets the handlers stream each batch as it is processed.
+    The time an output batch was read is the watchdog's proof that an engine
+    with work makes progress, whether or not the request handlers keep up
+    (a handler waits while its client reads slowly).
+
+    vLLM reads engine outputs in two loops: one moves messages from the ZMQ
+    socket to a queue, the other takes them from the queue to the requests.
+    Each awaits data that, when the router is behind the engines (a busy
+    host), is already there, and such an await does not yield to the event
+    loop. Each loop then works through its backlog with nothing else running,
+    and an engine that produces as fast as the router reads keeps it there:
+    the router answered nothing for 10-20 s while one 15,000-token request
+    streamed (deadlines, cancels and the watchdog all waited), and a 6,000-
+    token stream arrived as one message. One yield per message in each loop
+    lets everything else run in between.
     """
+    socket = llm.engine_core.resources.output_socket
+    receive = socket.recv_multipart
+
+    async def receive_after_yielding(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        return await receive(*args, **kwargs)
+
+    socket.recv_multipart = receive_after_yielding
     core = llm.engine_core
     get_output = core.get_output_async
 
     async def get_output_after_yielding() -> Any:
         await asyncio.sleep(0)
-        return await get_output()
+        outputs = await get_output()
+        heard[outputs.engine_index] = time.monotonic()
+        return outputs
 
     core.get_output_async = get_output_after_yielding
 
@@ -181,7 +200,9 @@ class EngineClient:
     def __init__(self, llm: AsyncLLM, counts: dict[int, EngineCounts]) -> None:
         self._llm = llm
         self._counts = counts
-        _yield_between_output_batches(llm)
+        # When each engine (rank) of this client last sent outputs.
+        self._heard: dict[int, float] = {}
+        _watch_output_batches(llm, self._heard)
         self._probes = 0
         # vLLM traces every finished request when tracing is on; not the probes.
         tracing = llm.observability_config.otlp_traces_endpoint is not None
@@ -194,6 +215,8 @@ class EngineClient:
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
         # The KV block size; vLLM's prefix cache reuses whole blocks only.
         self.block_size: int = llm.vllm_config.cache_config.block_size
+        # The requests one engine runs at once; more wait in its queue.
+        self.max_num_seqs: int = llm.vllm_config.scheduler_config.max_num_seqs
 
     @classmethod
     def start(cls, engine_args: argparse.Namespace, in_process: bool = False) -> EngineClient:
@@ -268,9 +291,28 @@ class EngineClient:
         fresh as its last request; `probe` makes it step."""
         return [self._counts.get(i, (0, 0, 0.0)) for i in range(self.data_parallel_size)]
 
+    def last_heard(self) -> list[float]:
+        """Per engine (rank) of this client: when it last sent outputs
+        (`time.monotonic()`; 0.0 if never)."""
+        return [self._heard.get(i, 0.0) for i in range(self.data_parallel_size)]
+
     async def probe(self, rank: int | None) -> None:
-        """Runs one greedy token on the rank's engine: the proof that it is
-        alive and steps, and a fresh report of its counts."""
+        """Returns once the rank's engine has answered.
+
+        An engine that last reported no requests is asked a utility call,
+        which its loop answers between two steps: no token is run, because a
+        token wakes the engine's worker, which then busy-waits for a second
+        (vLLM's shared-memory queue), and probing every second kept an idle
+        rank's worker spinning on a whole core. An engine that last reported
+        requests runs one greedy token instead: its worker is awake anyway,
+        and an engine reports its counts only when it steps, so this is what
+        refreshes a report left stale by requests aborted since."""
+        index = rank or 0
+        waiting, running, _ = self._counts.get(index, (0, 0, 0.0))
+        if not (waiting or running):
+            core = self._llm.engine_core
+            await core._call_utility_async("is_sleeping", engine=core.core_engines[index])
+            return
         self._probes += 1
         params = SamplingParams(
             max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY

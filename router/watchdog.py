@@ -1,10 +1,11 @@
 """Finds dead and hung ranks, and takes them back when they answer again.
 
 vLLM's engine client does not notice an engine process that died or stopped:
-requests to it hang with no error (measured on vLLM 0.32). So the router runs
-one greedy token on every rank every `interval` seconds. A rank that has
-neither answered a probe nor streamed output for any request within
-`timeout` is unhealthy: it gets no new requests, its Health name turns
+requests to it hang with no error (measured on vLLM 0.32). So the router
+calls every rank's engine loop every `interval` seconds (a utility call it
+answers between two steps; no token is run). A rank that has neither
+answered a probe nor sent output for any request within `timeout` is
+unhealthy: it gets no new requests, its Health name turns
 NOT_SERVING, and its running requests are ended at once (the dispatcher
 retries elsewhere those that had produced nothing, and ends the others with
 UNAVAILABLE). Probing goes on, and a rank that answers again
@@ -74,6 +75,8 @@ class Watchdog:
         output, within the timeout. Probes run in the background, one at a
         time, every `interval`."""
         ledger = self._dispatcher.ledger
+        pool = self._dispatcher.pool
+        assert pool is not None
         answered_at = 0.0  # when a probe last answered
         # Until then the rank is not failed without evidence: after it joins
         # (its first answer takes a moment) and after a stall of the router.
@@ -88,7 +91,7 @@ class Watchdog:
             if now - tick > TICK_S + STALL_S:
                 # The router itself did not run (a whole-machine stall): what
                 # it did not see is no evidence against the rank.
-                grace_until = max(grace_until, now + self._timeout / 2)
+                grace_until = max(grace_until, now + self._timeout)
             tick = now
             if probe is not None and probe.done():
                 answered_at = max(answered_at, probe.result() or 0.0)
@@ -98,7 +101,7 @@ class Watchdog:
             healthy = ledger.healthy(rank)
             if healthy and not was_healthy:  # it joined (or rejoined with a new client)
                 grace_until, unhealthy_since = now + self._timeout, None
-            last_sign = max(answered_at, self._dispatcher.last_output.get(rank, 0.0))
+            last_sign = max(answered_at, pool.last_heard(rank))
             answered = last_sign > now - self._timeout
             if answered and not healthy:
                 ledger.set_healthy(rank, True)
@@ -110,7 +113,13 @@ class Watchdog:
                 unhealthy_since = now
                 log.warning(
                     "rank unhealthy: no answer and no output",
-                    extra={"rank": rank, "timeout_s": self._timeout},
+                    extra={
+                        "rank": rank,
+                        "timeout_s": self._timeout,
+                        "last_answer_s_ago": round(now - answered_at, 3),
+                        "last_output_s_ago": round(now - pool.last_heard(rank), 3),
+                        "probe_running_s": round(now - probe_started, 3) if probe else None,
+                    },
                 )
                 await self._fail_requests(rank)
                 await self._on_change()

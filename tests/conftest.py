@@ -175,8 +175,9 @@ async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tup
 async def wait_for_idle_engines(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub, timeout: float
 ) -> None:
-    """Waits until every engine reports no waiting or running request (through
-    vLLM's DP coordinator, every 100 ms) and the router has none in flight."""
+    """Waits until every engine reports no waiting or running request and the
+    router has none in flight. An engine reports as it steps; the router's
+    probe makes one that last reported requests step every second."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)
