@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,7 +266,7 @@ class Dispatcher:
         self.ledger.set_drained(rank, drained)
         return self.loads()[rank]
 
-    async def run(self, job: Job, deadline_s: float | None) -> AsyncIterator[EngineDelta]:
+    async def run(self, job: Job, deadline_s: float | None) -> AsyncGenerator[EngineDelta, None]:
         """The job's deltas; engine failures become RequestErrors. A job whose
         rank fails before it produced anything is retried on another rank; each
         attempt is a span of the job's trace, parent of the engine's own. At

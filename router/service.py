@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,7 @@ class _Outcome:
     """What the log line and the span say about a finished RPC."""
 
     job: Job | None = None
+    deltas: AsyncGenerator[EngineDelta, None] | None = None  # the job's stream, once it runs
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -147,10 +148,10 @@ class _Rpc:
         self.method = method
         self.field_prefix = field_prefix  # where the GenerateRequest sits in the RPC's request
 
-    @contextmanager
-    def observed(
+    @asynccontextmanager
+    async def observed(
         self, context: Context, client_request_id: str
-    ) -> Iterator[tuple[RequestTrace, _Outcome]]:
+    ) -> AsyncIterator[tuple[RequestTrace, _Outcome]]:
         started = time.perf_counter()
         outcome = _Outcome()
         code, message = grpc.StatusCode.OK, ""
@@ -175,6 +176,10 @@ class _Rpc:
             outcome.fields["error"] = type(e).__name__
             raise
         finally:
+            if outcome.deltas is not None:
+                # Ends the job now, not when the stream is collected: its
+                # release and its attempt's span come before the RPC's end.
+                await outcome.deltas.aclose()
             job = outcome.job
             trace.end(code, message, _span_attributes(outcome))
             self.dispatcher.metrics.finished(self.method, code.name)
@@ -202,7 +207,7 @@ class _Rpc:
         context: Context,
         trace: RequestTrace,
         outcome: _Outcome,
-    ) -> tuple[Job, AsyncIterator[EngineDelta]]:
+    ) -> tuple[Job, AsyncGenerator[EngineDelta, None]]:
         """Checks and routes the request, sends the response metadata and
         returns the engine's stream."""
         job = outcome.job = self.dispatcher.prepare(
@@ -222,7 +227,8 @@ class _Rpc:
         except BaseException:
             self.dispatcher.release(job, Outcome.CANCELLED)
             raise
-        return job, self.dispatcher.run(job, context.time_remaining())
+        outcome.deltas = self.dispatcher.run(job, context.time_remaining())
+        return job, outcome.deltas
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
@@ -234,7 +240,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self, request: generate_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            with self._generate.observed(context, request.request_id) as (trace, outcome):
+            async with self._generate.observed(context, request.request_id) as (trace, outcome):
                 job, deltas = await self._generate.start(request, context, trace, outcome)
                 first = True
                 async for delta in deltas:
@@ -264,7 +270,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self, request: generate_pb2.CompleteRequest, context: Context
     ) -> generate_pb2.CompleteResponse:
         try:
-            with self._complete.observed(context, request.request.request_id) as (
+            async with self._complete.observed(context, request.request.request_id) as (
                 trace,
                 outcome,
             ):
