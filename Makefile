@@ -167,10 +167,24 @@ test: $(STUBS) models check breaking examples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print markdown tables; run them on an otherwise idle machine.
-bench: $(STUBS) $(TINY)/config.json
+# bench.compare (dprouter against vLLM's servers and the in-process floor) also
+# writes bench/results/<date>.md and a plot; BENCH_ARGS=--quick for a smoke test.
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.installed-bench
+bench: $(STUBS) $(BENCH_STAMP) models build/go/load
 	$(PY) -m bench.routing cost
 	$(PY) -m bench.routing balance
 	$(PY) -m bench.routing prefix
+	$(PY) -m bench.compare $(BENCH_ARGS)
+
+# vLLM's own gRPC server, matplotlib and py-spy: the bench extra, for make bench only.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[bench]"
+	touch $@
+
+# The Go load client of bench.compare.
+build/go/load: $(GO_STUBS) clients/go/src/dprouter/cmd/load/main.go
+	$(GO_ENV) go build -p 1 -o $@ dprouter/cmd/load
 
 clean:
 	rm -rf $(VENV) $(STUBS_DIR) models .pytest_cache .mypy_cache .ruff_cache build \

@@ -380,9 +380,9 @@ class Dispatcher:
         the engine elsewhere (vLLM awaits it before registering a request) is
         interrupted."""
         assert self.pool is not None
-        with contextlib.suppress(RankNotJoined):
-            await self.pool.fail(rank)
         on_rank = [st for st in self._streaming.values() if st.job.rank == rank]
+        with contextlib.suppress(RankNotJoined):
+            await self.pool.fail(rank, [st.job.engine_request_id for st in on_rank])
         for streaming in on_rank:
             streaming.failed = True
             # Interrupt only a wait on the engine: cancelled anywhere else (a

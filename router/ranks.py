@@ -8,14 +8,15 @@ class here:
   others, and it can be replaced alone.
 - `CoupledRanks`: one engine client for all ranks (`data_parallel_size=N`),
   vLLM's multi-instance data-parallel pattern, needed where the ranks must
-  step together (MoE / expert parallel). The group lives and dies as one.
+  step together (MoE / expert parallel). A dead rank cannot be replaced:
+  the group is restarted as one.
 Ranks run in rank servers on any host and join the router over vLLM's
 data-parallel RPC. The router's own per-rank counts live in `ledger.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol
 
 from router.engine_types import EngineDelta
@@ -50,7 +51,7 @@ class RankPool(Protocol):
     async def abort(self, request_id: str, rank: int) -> None: ...
 
     async def probe(self, rank: int) -> None:
-        """Returns once the rank's engine loop has answered; hangs if it cannot."""
+        """Returns once the rank's engine has run one token; hangs if it cannot."""
         ...
 
     def last_heard(self, rank: int) -> float:
@@ -58,9 +59,16 @@ class RankPool(Protocol):
         if never): proof of progress while it has work."""
         ...
 
-    async def fail(self, rank: int) -> int:
-        """Ends the requests running on a failed rank with EngineDeadError
-        (with the coupled topology: on every rank, which fail together); how many."""
+    def dropped_at(self, rank: int) -> float:
+        """When the rank's engine (with the coupled topology: any rank's)
+        last dropped its connection (`time.monotonic()`; 0.0 if never)."""
+        ...
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        """Ends these requests of a failed rank with EngineDeadError. With
+        the coupled topology the other ranks go on if they can: vLLM's
+        dense-model ranks do; ranks that must step together stop answering
+        too, and the watchdog fails them on their own evidence."""
         ...
 
     def engine_loads(self) -> list[EngineLoad]:
@@ -117,8 +125,11 @@ class CoupledRanks:
     def last_heard(self, rank: int) -> float:
         return self._client.last_heard()[rank]
 
-    async def fail(self, rank: int) -> int:
-        return await self._client.fail_all()
+    def dropped_at(self, rank: int) -> float:
+        return self._client.dropped_at()
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        await self._client.fail(request_ids)
 
     def engine_loads(self) -> list[EngineLoad]:
         return [EngineLoad(w, r, kv) for w, r, kv in self._client.engine_counts()]
@@ -192,8 +203,12 @@ class IndependentRanks:
         client = self._clients[rank]
         return client.last_heard()[0] if client is not None else 0.0
 
-    async def fail(self, rank: int) -> int:
-        return await self._client(rank).fail_all()
+    def dropped_at(self, rank: int) -> float:
+        client = self._clients[rank]
+        return client.dropped_at() if client is not None else 0.0
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        await self._client(rank).fail(request_ids)
 
     def engine_loads(self) -> list[EngineLoad]:
         return [

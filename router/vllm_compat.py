@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import zmq
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.cli.serve import run_headless
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -26,6 +28,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
+from zmq.utils.monitor import parse_monitor_message
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
 from router.tracing import UNSAMPLED_HEADERS
@@ -85,6 +88,11 @@ def run_rank_server(args: argparse.Namespace) -> None:
     """Runs vLLM's headless data-parallel engines until they exit or a signal."""
     args.headless = True
     args.api_server_count = 0
+    # A data-parallel group of one (an independent rank) takes the router's
+    # address from this variable, not from --data-parallel-address (vLLM
+    # 0.32's ParallelConfig): without it, a rank on another host would
+    # knock on its own 127.0.0.1.
+    os.environ["VLLM_DP_MASTER_IP"] = args.data_parallel_address
     run_headless(args)
 
 
@@ -207,6 +215,9 @@ class EngineClient:
         # vLLM traces every finished request when tracing is on; not the probes.
         tracing = llm.observability_config.otlp_traces_endpoint is not None
         self._probe_trace_headers = UNSAMPLED_HEADERS if tracing else None
+        # When an engine last dropped its connection to this client.
+        self._dropped_at = 0.0
+        self._connection_watch: asyncio.Task[None] | None = None
         model_config = llm.model_config
         self.max_model_len: int = model_config.max_model_len
         self.max_logprobs: int = model_config.max_logprobs
@@ -296,23 +307,37 @@ class EngineClient:
         (`time.monotonic()`; 0.0 if never)."""
         return [self._heard.get(i, 0.0) for i in range(self.data_parallel_size)]
 
-    async def probe(self, rank: int | None) -> None:
-        """Returns once the rank's engine has answered.
+    def dropped_at(self) -> float:
+        """When an engine of this client last dropped its connection
+        (`time.monotonic()`; 0.0 if never): a killed engine process is
+        known at once, without waiting for the probes' timeout. Which engine,
+        the socket does not say: with several, all are suspects."""
+        return self._dropped_at
 
-        An engine that last reported no requests is asked a utility call,
-        which its loop answers between two steps: no token is run, because a
-        token wakes the engine's worker, which then busy-waits for a second
-        (vLLM's shared-memory queue), and probing every second kept an idle
-        rank's worker spinning on a whole core. An engine that last reported
-        requests runs one greedy token instead: its worker is awake anyway,
-        and an engine reports its counts only when it steps, so this is what
-        refreshes a report left stale by requests aborted since."""
-        index = rank or 0
-        waiting, running, _ = self._counts.get(index, (0, 0, 0.0))
-        if not (waiting or running):
-            core = self._llm.engine_core
-            await core._call_utility_async("is_sleeping", engine=core.core_engines[index])
-            return
+    async def _watch_connection(self) -> None:
+        """Notes every drop of an engine's connection (ZMQ socket monitor)."""
+        socket = self._llm.engine_core.resources.input_socket
+        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                self._dropped_at = time.monotonic()
+        finally:
+            monitor.close(linger=0)
+
+    async def probe(self, rank: int | None) -> None:
+        """Runs one greedy token on the rank's engine: the proof that it is
+        alive and steps, and a fresh report of its counts (an engine reports
+        only when it steps). A utility call would leave an idle engine's
+        worker asleep instead of busy-waiting (vLLM's shared-memory queue
+        spins for a second after each message, so probes every second keep
+        it spinning on a core), but a worker woken from that sleep took 3-4 s
+        to take up the next request here, and the watchdog then failed a
+        healthy rank."""
+        if self._connection_watch is None:  # the first probe runs on the event loop
+            self._connection_watch = asyncio.ensure_future(self._watch_connection())
         self._probes += 1
         params = SamplingParams(
             max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
@@ -326,19 +351,21 @@ class EngineClient:
         ):
             pass
 
-    async def fail_all(self) -> int:
-        """Ends every request of this client with EngineDeadError, as vLLM does
+    async def fail(self, request_ids: Sequence[str]) -> None:
+        """Ends these requests (our ids) with EngineDeadError, as vLLM does
         when it sees its engine die (it does not see a killed or stopped
         engine), and aborts them in the engine in case it comes back."""
-        processor = self._llm.output_processor
-        request_ids = list(processor.request_states)
-        processor.propagate_error(EngineDeadError())
-        await self._llm.abort(request_ids, internal=True)
-        return len(request_ids)
+        wanted = set(request_ids)
+        for state in self._llm.output_processor.request_states.values():
+            if state.external_req_id in wanted and state.queue is not None:
+                state.queue.put(EngineDeadError())
+        await self._llm.abort(list(wanted))
 
     async def reset_prefix_cache(self) -> None:
         """Empties every rank's prefix cache (benchmarks start each system cold)."""
         await self._llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self._connection_watch is not None:
+            self._connection_watch.cancel()
         self._llm.shutdown()

@@ -1,7 +1,9 @@
 """Bounded queues and deadline admission, on a cluster of their own whose
 engines run two requests at once and whose ranks hold two more (a bound of
 four requests per rank, eight in all), so the bounds are reached with a few
-requests."""
+requests. The cluster runs the coupled topology (one engine client for both
+ranks), so that the module's last test can kill one of its engines: the
+coupled group must then fail fast instead of hanging."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
 from tests.conftest import LONG_TOKENS, tiny_spec, wait_for_idle_engines
+from tests.test_failover import CUT_BOUND_S
 
 RUNNING, QUEUED = 2, 2
 BOUND = RUNNING + QUEUED
@@ -32,6 +35,7 @@ def small_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         tmp_path_factory,
         engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(RUNNING)],
         router_flags=["--grace-period", "5", "--max-queue-per-rank", str(QUEUED)],
+        topology="coupled",
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster
@@ -203,3 +207,43 @@ async def test_load_at_eight_times_the_bound_loses_nothing(
     assert refusals, "the load never reached the bound"
     assert all(0 < delay <= 30 for delay in refusals)
     assert sizes[1] - sizes[0] < 50, sizes
+
+
+async def test_a_killed_engine_of_the_coupled_group_fails_fast(
+    small_cluster: LocalCluster,
+) -> None:
+    """Last: it breaks the cluster. vLLM's coupled client hangs the requests
+    of a killed engine; the router ends them at once, and the other rank
+    (dense-model ranks do not step together) serves on."""
+    async with grpc.aio.insecure_channel(small_cluster.spec.listen) as channel:
+        generate = generate_pb2_grpc.GenerateServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        doomed = [generate.Generate(request(LONG_TOKENS, rank=1)) for _ in range(2)]
+        spared = [generate.Generate(request(300, rank=0)) for _ in range(2)]
+        for call in [*doomed, *spared]:
+            assert isinstance(await call.read(), generate_pb2.GenerateResponse)
+        small_cluster.engine_process(1).kill()  # kill -9
+        killed = time.monotonic()
+        for call in doomed:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(CUT_BOUND_S):
+                    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                        pass
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+        ended_after = time.monotonic() - killed
+        for call in spared:
+            async with asyncio.timeout(60):
+                while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    pass
+            assert await call.code() == grpc.StatusCode.OK
+        check = health.Check
+        assert (await check(health_pb2.HealthCheckRequest(service="rank/1"))).status == (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert (await check(health_pb2.HealthCheckRequest(service=""))).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        call = generate.Generate(request(4))
+        assert await outcome(call) == 4
+        assert dict(await call.initial_metadata())["x-data-parallel-rank"] == "0"
+    print(f"coupled group: the killed rank's streams ended {ended_after:.2f} s after the kill")

@@ -1,16 +1,22 @@
-"""A rank that hangs or dies: detection within 5 s, failover, re-admission.
+"""A rank that hangs, dies or is cut off: detection within 5 s, failover,
+re-admission.
 
 These tests break ranks on purpose, so they run on a cluster of their own
-(independent topology, tiny model), started for this module only.
+(independent topology, tiny model), started for this module only. Its rank 1
+runs in a network namespace of its own, joined to this one by a veth pair,
+as if on another host: cutting that link is a network partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import OtlpReceiver, otlp_env, tiny_spec
+from tests.conftest import LONG_TOKENS, OtlpReceiver, otlp_env, tiny_spec
 from tests.test_routing import keys_homed_on, request, route_of, routed
 from tests.test_tracing import ERROR, attributes, wait_for_attempts, wait_for_span
 
@@ -30,14 +36,61 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@dataclass(frozen=True)
+class OtherHost:
+    namespace: str
+    router_address: str  # this side of the link, where the ranks connect
+    link: str  # this side's interface: down is a partition
+
+    def set_link(self, up: bool) -> None:
+        ip("link", "set", self.link, "up" if up else "down")
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def other_host() -> Iterator[OtherHost]:
+    """A network namespace joined to this one by a veth pair (needs root)."""
+    tag = f"dpr{os.getpid() % 100000}"
+    host_side, far_side = f"{tag}h", f"{tag}n"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
+    ip("netns", "add", tag)
+    try:
+        ip("link", "add", host_side, "type", "veth", "peer", "name", far_side, "netns", tag)
+        ip("addr", "add", f"{subnet}.1/24", "dev", host_side)
+        ip("link", "set", host_side, "up")
+        for args in (
+            ("addr", "add", f"{subnet}.2/24", "dev", far_side),
+            ("link", "set", far_side, "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            ip("netns", "exec", tag, "ip", *args)
+        yield OtherHost(tag, f"{subnet}.1", host_side)
+    finally:
+        subprocess.run(["ip", "link", "del", host_side], capture_output=True)
+        ip("netns", "del", tag)
+
+
+@pytest.fixture(scope="module")
+def far_rank() -> Iterator[OtherHost]:
+    with other_host() as host:
+        yield host
+
+
 @pytest.fixture(scope="module")
 def broken_cluster(
-    tmp_path_factory: pytest.TempPathFactory, otlp_receiver: tuple[OtlpReceiver, int]
+    far_rank: OtherHost,
+    tmp_path_factory: pytest.TempPathFactory,
+    otlp_receiver: tuple[OtlpReceiver, int],
 ) -> Iterator[LocalCluster]:
     spec = tiny_spec(
         "failover",
         tmp_path_factory,
         router_flags=["--grace-period", "5"],
+        data_parallel_address=far_rank.router_address,
+        rank_netns={1: far_rank.namespace},
         env=otlp_env(otlp_receiver[1]),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
@@ -96,6 +149,8 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
 ) -> None:
     generate, ranks, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
+    # It has answered since it joined: a rank that has not gets more time.
+    await routed(generate, request("first", data_parallel_rank=1))
     keys = keys_homed_on(1, 4)
     server = broken_cluster.ranks[1]
     os.killpg(server.pid, signal.SIGSTOP)  # a hang, not a death
@@ -207,3 +262,41 @@ async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     assert route_of(metadata)[0] == 1
     print(f"streams on the killed rank ended {cut_after:.2f} s after the kill; "
           f"restarted rank rejoined after {rejoined:.1f} s")  # fmt: skip
+
+
+async def test_a_partitioned_rank_is_detected_failed_over_and_readmitted(
+    far_rank: OtherHost,
+    stubs: Stubs,
+) -> None:
+    generate, _, health = stubs
+    await wait_health(health, "rank/1", SERVING, timeout=180)
+    calls = [
+        generate.Generate(request(f"far {i}", max_tokens=LONG_TOKENS, data_parallel_rank=1))
+        for i in range(4)
+    ]
+    for call in calls:
+        assert isinstance(await call.read(), generate_pb2.GenerateResponse)
+    far_rank.set_link(False)
+    try:
+        cut = time.monotonic()
+        await wait_health(health, "rank/1", NOT_SERVING, timeout=DETECTION_BOUND_S + 5)
+        detected_after = time.monotonic() - cut
+        assert detected_after < DETECTION_BOUND_S, detected_after
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(CUT_BOUND_S):
+                    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                        pass
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(ended.value).metadata["rank"] == "1"
+        _, metadata = await routed(generate, request("meanwhile"))
+        assert route_of(metadata)[0] == 0
+    finally:
+        far_rank.set_link(True)
+    healed = time.monotonic()
+    await wait_health(health, "rank/1", SERVING, timeout=20)
+    readmitted = time.monotonic() - healed
+    _, metadata = await routed(generate, request("healed", data_parallel_rank=1))
+    assert route_of(metadata)[0] == 1
+    print(f"partitioned rank detected after {detected_after:.2f} s, "
+          f"re-admitted {readmitted:.2f} s after the link came back")  # fmt: skip
