@@ -25,10 +25,12 @@ from pathlib import Path
 
 from bench.report import percentile, table
 from dprouter.v1 import generate_pb2
+from router import tracing
 from router.dispatcher import Dispatcher
 from router.engine_types import Sampling
 from router.ledger import Ledger, RankLoad, RankState
 from router.membership import in_daemon_thread
+from router.metrics import Metrics
 from router.policies import DEFAULT_LOAD_FACTOR, POLICIES, RouteInput, make_policy
 from router.ranks import CoupledRanks
 from router.vllm_compat import (
@@ -143,7 +145,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
     straight to the engine client with no rank for vLLM's balancer."""
     counter = iter(range(10**9))
     pool = CoupledRanks(client)
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(Metrics())
     if system != VLLM_BALANCER:
         dispatcher.attach(
             pool, make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR), Ledger(2)
@@ -163,7 +165,8 @@ def submitter(system: str, client: EngineClient) -> Submit:
                     max_tokens=job.max_tokens, temperature=0, ignore_eos=True
                 ),
             )
-            deltas = dispatcher.run(dispatcher.prepare(request, ()), None, None)
+            trace = tracing.start("bench", (), "bench")  # not recording: no provider
+            deltas = dispatcher.run(dispatcher.prepare(request, (), trace), None)
         async for delta in deltas:
             cached = delta.cached_tokens
         return Result(job, time.perf_counter() - start, cached)

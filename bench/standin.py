@@ -26,6 +26,7 @@ from router.dispatcher import Dispatcher
 from router.engine_types import EngineDelta
 from router.health import RouterHealth
 from router.ledger import EngineLoad, Ledger
+from router.metrics import Metrics
 from router.policies import make_policy
 from router.validation import ModelLimits
 from router.vllm_compat import EngineSamplingParams
@@ -89,7 +90,7 @@ class StandInRank:
 
 async def serve(listen: str, model: str) -> None:
     config = parse_args(["--model", model, "--listen", listen])
-    dispatcher = Dispatcher(config.limits)
+    dispatcher = Dispatcher(Metrics(), config.limits)
     pool = StandInRank()
     dispatcher.attach(
         pool, make_policy(config.routing_policy, 1, BLOCK, config.load_factor), Ledger(1)

@@ -47,11 +47,19 @@ class RouterConfig:
     max_message_bytes: int
     tls: TlsConfig | None
     auth_tokens: frozenset[str]
+    metrics_listen: str | None
 
     @property
     def data_parallel_size(self) -> int:
         size: int = self.engine_args.data_parallel_size
         return size
+
+    @property
+    def model_name(self) -> str:
+        """The model as vLLM names it (--served-model-name, else --model)."""
+        names = self.engine_args.served_model_name
+        name: str = names[0] if names else self.engine_args.model
+        return name
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
@@ -93,9 +101,17 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         help="affinity policies spill a request to another rank when its rank would "
         "have more than this times the mean in-flight requests",
     )
+    router.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+        "(default: off; port 0 picks a free one)",
+    )
     _add_security_args(parser)
     add_engine_args(parser)
     args = parser.parse_args(argv)
+    if args.metrics_listen is not None and not _is_host_port(args.metrics_listen):
+        parser.error(f"--metrics-listen must be HOST:PORT, got {args.metrics_listen!r}")
     if args.affinity_load_factor < 1:
         parser.error("--affinity-load-factor must be at least 1")
     for flag in (
@@ -139,7 +155,13 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         max_message_bytes=args.max_message_bytes,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         auth_tokens=tokens,
+        metrics_listen=args.metrics_listen,
     )
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and int(port) < 65536
 
 
 def _add_security_args(parser: argparse.ArgumentParser) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +21,13 @@ from google.rpc import error_details_pb2
 
 from dprouter.v1 import generate_pb2
 from router import admission, validation
-from router.engine_types import EngineDelta
+from router.engine_types import EngineDelta, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, Outcome, RankLoad, RankState
+from router.metrics import Metrics
 from router.policies import Candidate, Decision, Policy, RouteInput, load_score
 from router.ranks import RankNotJoined, RankPool
+from router.tracing import RequestTrace
 from router.vllm_compat import (
     EngineClientError,
     EngineDeadError,
@@ -48,6 +51,9 @@ class Job:
     rank: int
     route_policy: str  # the policy that chose the rank, or "pin"
     route_reason: str
+    sampling: Sampling
+    arrived: float  # when the router began with it (monotonic)
+    trace: RequestTrace
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class _Admitted:
 
     checked: validation.CheckedRequest
     prompt_token_ids: list[int]
+    sampling: Sampling
     params: EngineSamplingParams
 
 
@@ -86,10 +93,12 @@ def _engine_id(request_id: str) -> str:
 class Dispatcher:
     def __init__(
         self,
+        metrics: Metrics,
         allowed: validation.RequestLimits = validation.NO_LIMITS,
         max_queue_per_rank: int | None = None,
         max_in_flight: int | None = None,
     ) -> None:
+        self.metrics = metrics
         self.allowed = allowed  # the router's own per-request limits
         # None: as many as a rank's engine runs at once.
         self._max_queue_per_rank = max_queue_per_rank
@@ -145,7 +154,7 @@ class Dispatcher:
             raise invalid_argument(
                 f"sampling.{parameter}" if parameter else "sampling", str(e)
             ) from None
-        return _Admitted(checked, ids, params)
+        return _Admitted(checked, ids, sampling, params)
 
     def _route(self, admitted: _Admitted, deadline_s: float | None) -> Decision:
         """The policy's decision, or the pin's; nothing is committed yet.
@@ -191,30 +200,51 @@ class Dispatcher:
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
+        trace: RequestTrace,
         deadline_s: float | None = None,
     ) -> Job:
-        """Checks, routes and counts the request on its rank. The caller must
-        `run` the job or `release` it. `deadline_s`: the seconds left to the
-        request's deadline, if it has one."""
-        admitted = self._admit(request, metadata)
-        decision = self._route(admitted, deadline_s)
-        assert decision.rank is not None
-        decision.commit()
+        """Checks, routes and counts the request on its rank, each step in a
+        span of the request's trace. The caller must `run` the job or
+        `release` it. `deadline_s`: the seconds left to the request's
+        deadline, if it has one."""
+        arrived = time.monotonic()
+        with trace.stage("validate"):
+            admitted = self._admit(request, metadata)
         checked = admitted.checked
-        job = Job(
-            request_id=checked.request_id,
-            engine_request_id=_engine_id(checked.request_id),
-            prompt_token_ids=admitted.prompt_token_ids,
-            session_key=checked.session_key,
-            pinned=checked.rank_pin is not None,
-            params=admitted.params,
-            priority=checked.priority,
-            rank=decision.rank,
-            route_policy=decision.policy,
-            route_reason=decision.reason,
+        trace.request(
+            admitted.sampling,
+            len(admitted.prompt_token_ids),
+            chat=checked.prompt.messages is not None,
+            session=checked.session_key,
         )
-        self._reserve(job)
+        with trace.stage("route") as span:
+            decision = self._route(admitted, deadline_s)
+            assert decision.rank is not None
+            self._commit(decision)
+            job = Job(
+                request_id=checked.request_id,
+                engine_request_id=_engine_id(checked.request_id),
+                prompt_token_ids=admitted.prompt_token_ids,
+                session_key=checked.session_key,
+                pinned=checked.rank_pin is not None,
+                params=admitted.params,
+                priority=checked.priority,
+                rank=decision.rank,
+                route_policy=decision.policy,
+                route_reason=decision.reason,
+                sampling=admitted.sampling,
+                arrived=arrived,
+                trace=trace,
+            )
+            self._reserve(job)
+            if span.is_recording():  # the rank's load with this request admitted
+                trace.routed(span, decision, self.ledger.loads(None)[job.rank])
         return job
+
+    def _commit(self, decision: Decision) -> None:
+        """The request goes where `decision` says."""
+        decision.commit()
+        self.metrics.routed(decision.policy, decision.reason)
 
     def _reserve(self, job: Job) -> None:
         self.ledger.reserve(job.engine_request_id, job.rank, len(job.prompt_token_ids))
@@ -236,11 +266,10 @@ class Dispatcher:
         self.ledger.set_drained(rank, drained)
         return self.loads()[rank]
 
-    async def run(
-        self, job: Job, trace_headers: Mapping[str, str] | None, deadline_s: float | None
-    ) -> AsyncIterator[EngineDelta]:
+    async def run(self, job: Job, deadline_s: float | None) -> AsyncGenerator[EngineDelta, None]:
         """The job's deltas; engine failures become RequestErrors. A job whose
-        rank fails before it produced anything is retried on another rank. At
+        rank fails before it produced anything is retried on another rank; each
+        attempt is a span of the job's trace, parent of the engine's own. At
         the deadline the engine request is aborted by a timer, not by the
         consumer: a handler blocked sending to a vanished client was seen to
         miss gRPC's own cancellation for the whole generation."""
@@ -254,18 +283,22 @@ class Dispatcher:
         delivered = 0  # tokens handed to the client
         task = asyncio.current_task()
         assert task is not None
+        timer = self.metrics.stream(job.arrived)
         try:
             while True:
                 engine_id = job.engine_request_id
                 streaming = _Streaming(job, task)
                 self._streaming[engine_id] = streaming
+                attempt = job.trace.attempt(
+                    job.rank, engine_id, job.sampling, len(job.prompt_token_ids)
+                )
                 deltas = pool.generate(
                     engine_id,
                     job.prompt_token_ids,
                     job.params,
                     job.rank,
                     job.priority,
-                    trace_headers,
+                    attempt.headers,
                 ).__aiter__()
                 try:
                     while True:
@@ -277,6 +310,8 @@ class Dispatcher:
                         finally:
                             streaming.in_engine = False
                         self.ledger.prefilled(engine_id)
+                        attempt.output(delta)
+                        timer.output(job.rank, delta)
                         if delta.finished:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)
@@ -284,19 +319,26 @@ class Dispatcher:
                         if streaming.failed:  # found out while the client was sent this
                             raise RankFailed
                     break
-                except asyncio.CancelledError:
+                except asyncio.CancelledError as e:
                     if not streaming.failed:
+                        attempt.fail(e)
                         raise  # the client's cancel, not a failed rank
                     task.uncancel()
+                    attempt.fail(RankFailed(f"rank {job.rank} failed"))
                     if delivered or job.pinned:
                         raise RankFailed from None
                     self._retry_elsewhere(job)
-                except (EngineDeadError, RankNotJoined):
+                except (EngineDeadError, RankNotJoined) as e:
+                    attempt.fail(e)
                     if delivered or job.pinned:
                         raise
                     self._retry_elsewhere(job)
+                except BaseException as e:
+                    attempt.fail(e)
+                    raise
                 finally:
                     self._streaming.pop(engine_id, None)
+                    attempt.end()
         except (EngineDeadError, RankNotJoined, RankFailed):
             outcome = Outcome.FAILED
             raise RequestError(
@@ -358,7 +400,7 @@ class Dispatcher:
         decision = self.policy.decide(route, admission.mark_full(self.loads(), self.queue_limits))
         if decision.rank is None:
             raise unavailable(f"rank {job.rank} failed and no other rank has room")
-        decision.commit()
+        self._commit(decision)
         log.info(
             "retrying on another rank",
             extra={"request_id": job.request_id, "failed_rank": job.rank, "rank": decision.rank},

@@ -31,6 +31,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from zmq.utils.monitor import parse_monitor_message
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
+from router.tracing import UNSAMPLED_HEADERS
 
 __all__ = [
     "EngineClient",
@@ -44,6 +45,7 @@ __all__ = [
     "new_flexible_parser",
     "rank_group_args",
     "run_rank_server",
+    "with_traces_endpoint",
 ]
 
 # The engine rejected the request itself (bad parameters for this model).
@@ -175,6 +177,17 @@ def _watch_output_batches(llm: AsyncLLM, heard: dict[int, float]) -> None:
     core.get_output_async = get_output_after_yielding
 
 
+def with_traces_endpoint(engine_args: argparse.Namespace, endpoint: str) -> argparse.Namespace:
+    """The engine flags with vLLM's request tracing on (unless the operator
+    set --otlp-traces-endpoint). Without it vLLM drops the `traceparent` we
+    pass; with it, the router's process emits vLLM's `llm_request` span
+    (through the global tracer provider, which the router installed first)."""
+    args = argparse.Namespace(**vars(engine_args))
+    if args.otlp_traces_endpoint is None:
+        args.otlp_traces_endpoint = endpoint
+    return args
+
+
 def rank_group_args(engine_args: argparse.Namespace, rpc_port: int) -> argparse.Namespace:
     """The engine flags for one independent rank: a data-parallel group of one
     that joins on its own port."""
@@ -199,6 +212,9 @@ class EngineClient:
         self._heard: dict[int, float] = {}
         _watch_output_batches(llm, self._heard)
         self._probes = 0
+        # vLLM traces every finished request when tracing is on; not the probes.
+        tracing = llm.observability_config.otlp_traces_endpoint is not None
+        self._probe_trace_headers = UNSAMPLED_HEADERS if tracing else None
         # When an engine last dropped its connection to this client.
         self._dropped_at = 0.0
         self._connection_watch: asyncio.Task[None] | None = None
@@ -327,7 +343,11 @@ class EngineClient:
             max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
         )
         async for _ in self._llm.generate(
-            tokens_input([0]), params, f"probe-{rank}-{self._probes}", data_parallel_rank=rank
+            tokens_input([0]),
+            params,
+            f"probe-{rank}-{self._probes}",
+            data_parallel_rank=rank,
+            trace_headers=self._probe_trace_headers,
         ):
             pass
 

@@ -280,6 +280,7 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--topology", choices=("independent", "coupled"), default="independent")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
+    parser.add_argument("--metrics-listen", help="the router's Prometheus endpoint (HOST:PORT)")
     args = parser.parse_args()
     # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -292,6 +293,7 @@ def main() -> int:
             max_model_len=args.max_model_len,
             topology=args.topology,
             restart_on_crash=True,
+            router_flags=["--metrics-listen", args.metrics_listen] if args.metrics_listen else [],
         )
     )
     try:
@@ -304,7 +306,12 @@ def main() -> int:
                 f'  .venv/bin/grpcurl -plaintext -d \'{{"prompt": "The capital of France is", '
                 f'"sampling": {{"max_tokens": 16, "temperature": 0}}}}\' {args.listen} '
                 "dprouter.v1.GenerateService/Generate\n"
-                "Press Ctrl-C to stop.\n",
+                + (
+                    f"Metrics: curl -s http://{args.metrics_listen}/metrics\n"
+                    if args.metrics_listen
+                    else ""
+                )
+                + "Press Ctrl-C to stop.\n",
                 flush=True,
             )
             while all(proc.poll() is None for proc in cluster.processes()):

@@ -80,6 +80,15 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             return list(self._spans)
 
 
+def otlp_env(port: int) -> dict[str, str]:
+    """A router's environment for exporting its spans to the receiver on `port`."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
 @pytest.fixture(scope="session")
 def otlp_receiver() -> Iterator[tuple[OtlpReceiver, int]]:
     receiver = OtlpReceiver()
@@ -94,19 +103,24 @@ def otlp_receiver() -> Iterator[tuple[OtlpReceiver, int]]:
 
 
 @pytest.fixture(scope="session")
+def metrics_url() -> str:
+    """Where the session router serves its Prometheus metrics."""
+    return f"http://127.0.0.1:{free_port()}/metrics"
+
+
+@pytest.fixture(scope="session")
 def cluster(
-    otlp_receiver: tuple[OtlpReceiver, int], tmp_path_factory: pytest.TempPathFactory
+    otlp_receiver: tuple[OtlpReceiver, int],
+    metrics_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LocalCluster]:
     _, otlp_port = otlp_receiver
+    metrics_listen = metrics_url.removeprefix("http://").removesuffix("/metrics")
     spec = tiny_spec(
         "logs",
         tmp_path_factory,
-        router_flags=["--grace-period", str(GRACE_PERIOD_S)],
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
+        router_flags=["--grace-period", str(GRACE_PERIOD_S), "--metrics-listen", metrics_listen],
+        env=otlp_env(otlp_port),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster

@@ -26,8 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import LONG_TOKENS, tiny_spec
+from tests.conftest import LONG_TOKENS, OtlpReceiver, otlp_env, tiny_spec
 from tests.test_routing import keys_homed_on, request, route_of, routed
+from tests.test_tracing import ERROR, attributes, wait_for_attempts, wait_for_span
 
 DETECTION_BOUND_S = 5.0
 CUT_BOUND_S = DETECTION_BOUND_S + 5
@@ -80,7 +81,9 @@ def far_rank() -> Iterator[OtherHost]:
 
 @pytest.fixture(scope="module")
 def broken_cluster(
-    far_rank: OtherHost, tmp_path_factory: pytest.TempPathFactory
+    far_rank: OtherHost,
+    tmp_path_factory: pytest.TempPathFactory,
+    otlp_receiver: tuple[OtlpReceiver, int],
 ) -> Iterator[LocalCluster]:
     spec = tiny_spec(
         "failover",
@@ -88,6 +91,7 @@ def broken_cluster(
         router_flags=["--grace-period", "5"],
         data_parallel_address=far_rank.router_address,
         rank_netns={1: far_rank.namespace},
+        env=otlp_env(otlp_receiver[1]),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster
@@ -141,6 +145,7 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
 async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmitted(
     broken_cluster: LocalCluster,
     stubs: Stubs,
+    otlp_receiver: tuple[OtlpReceiver, int],
 ) -> None:
     generate, ranks, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
@@ -164,9 +169,23 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
         assert overall.status == SERVING
         async with asyncio.timeout(30):  # none hangs
             results = await asyncio.gather(*retried)
-        for responses, _ in results:
+        retried_traces = 0
+        for responses, metadata in results:
             assert responses[0].data_parallel_rank == 0
             assert responses[-1].usage.completion_tokens == 8
+            # Its trace: a failed attempt on rank 1 (unless the load bound spilled
+            # it to rank 0 at once), then the one that served on rank 0.
+            expected = [(0, False)]
+            if route_of(metadata)[0] == 1:
+                expected.insert(0, (1, True))
+                retried_traces += 1
+            trace_id = bytes.fromhex(metadata["x-trace-id"])
+            attempts = await wait_for_attempts(otlp_receiver[0], trace_id, len(expected))
+            tried = [
+                (attributes(a)["vllm.data_parallel_rank"], a.status.code == ERROR) for a in attempts
+            ]
+            assert tried == expected
+        assert retried_traces >= 1
         listed = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks[1]
         assert listed.state == ranks_pb2.RANK_STATE_UNHEALTHY
         assert listed.failed >= 1
@@ -187,6 +206,7 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
 async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     broken_cluster: LocalCluster,
     stubs: Stubs,
+    otlp_receiver: tuple[OtlpReceiver, int],
 ) -> None:
     generate, _, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
@@ -223,6 +243,12 @@ async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     assert len(done) == 8, f"{8 - len(done)} streams on the dead rank still hang"
     assert all(task.result() == grpc.StatusCode.UNAVAILABLE for task in done)
     assert cut_after < CUT_BOUND_S
+    # A cut stream's trace: its attempt on the dead rank failed, and the RPC with UNAVAILABLE.
+    trace_id = bytes.fromhex(str(dict(await calls[1].initial_metadata())["x-trace-id"]))
+    (attempt,) = await wait_for_attempts(otlp_receiver[0], trace_id, 1)
+    assert attempt.status.code == ERROR
+    server = await wait_for_span(otlp_receiver[0], lambda s: s.span_id == attempt.parent_span_id)
+    assert attributes(server)["error.type"] == "UNAVAILABLE"
     # The other rank's streams finish whole, and new requests go there.
     assert [await ends[i] for i in range(0, 16, 2)] == [grpc.StatusCode.OK] * 8
     assert [received[i] for i in range(0, 16, 2)] == [1500] * 8
