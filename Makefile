@@ -14,6 +14,13 @@ TINY := models/tiny-llama
 SMOLLM2 := models/smollm2-135m-instruct
 LISTEN ?= 127.0.0.1:50051
 RANKS ?= 2
+# The router's Prometheus endpoint under `make run` (empty turns it off).
+METRICS_LISTEN ?= 127.0.0.1:9464
+# `make traces`: Arize Phoenix in a venv of its own, on 127.0.0.1 only.
+PHOENIX_VENV := build/phoenix-venv
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
+TRACES_PORT ?= 6006
+TRACES_GRPC_PORT ?= 4317
 PYTEST_ARGS ?=
 # Clients in Go, TypeScript and C++ (clients/): toolchains from Debian and npm;
 # their stubs are generated at build time too, into ignored paths.
@@ -37,7 +44,7 @@ EXAMPLES := build/go/generate clients/ts/dist/generate.js build/cpp/generate
 # `make breaking` compares the protos with this commit's (the previous one by default).
 BREAKING_AGAINST ?= HEAD~1
 
-.PHONY: setup stubs examples models run test check breaking api-reference bench clean
+.PHONY: setup stubs examples models run traces test check breaking api-reference bench clean
 
 setup: $(STAMP)
 
@@ -116,7 +123,23 @@ $(SMOLLM2)/config.json: $(STAMP) server/build_model.py
 models: $(TINY)/config.json $(SMOLLM2)/config.json
 
 run: $(STUBS) $(SMOLLM2)/config.json
-	$(PY) -m server.local_cluster --model $(SMOLLM2) --ranks $(RANKS) --listen $(LISTEN)
+	$(PY) -m server.local_cluster --model $(SMOLLM2) --ranks $(RANKS) --listen $(LISTEN) \
+		$(if $(METRICS_LISTEN),--metrics-listen $(METRICS_LISTEN))
+
+# The `traces` extra of pyproject.toml, installed into its own venv.
+$(PHOENIX_STAMP): pyproject.toml
+	test -x $(PHOENIX_VENV)/bin/python || $(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install $$($(PYTHON) -c 'import tomllib; \
+		print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["traces"]))')
+	touch $@
+
+# A local trace viewer: UI and OTLP/HTTP on 127.0.0.1:$(TRACES_PORT), OTLP/gRPC on
+# 127.0.0.1:$(TRACES_GRPC_PORT); its data stays in build/phoenix. See README, Tracing.
+traces: $(PHOENIX_STAMP)
+	mkdir -p build/phoenix
+	PHOENIX_HOST=127.0.0.1 PHOENIX_PORT=$(TRACES_PORT) PHOENIX_GRPC_PORT=$(TRACES_GRPC_PORT) \
+		PHOENIX_WORKING_DIR=build/phoenix PHOENIX_DB_LOGGING_LEVEL=warning PHOENIX_LOG_MIGRATIONS=false \
+		$(PHOENIX_VENV)/bin/python tools/trace_viewer.py
 
 check: $(STUBS)
 	$(VENV)/bin/ruff check .
@@ -144,10 +167,24 @@ test: $(STUBS) models check breaking examples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks print markdown tables; run them on an otherwise idle machine.
-bench: $(STUBS) $(TINY)/config.json
+# bench.compare (dprouter against vLLM's servers and the in-process floor) also
+# writes bench/results/<date>.md and a plot; BENCH_ARGS=--quick for a smoke test.
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.installed-bench
+bench: $(STUBS) $(BENCH_STAMP) models build/go/load
 	$(PY) -m bench.routing cost
 	$(PY) -m bench.routing balance
 	$(PY) -m bench.routing prefix
+	$(PY) -m bench.compare $(BENCH_ARGS)
+
+# vLLM's own gRPC server, matplotlib and py-spy: the bench extra, for make bench only.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[bench]"
+	touch $@
+
+# The Go load client of bench.compare.
+build/go/load: $(GO_STUBS) clients/go/src/dprouter/cmd/load/main.go
+	$(GO_ENV) go build -p 1 -o $@ dprouter/cmd/load
 
 clean:
 	rm -rf $(VENV) $(STUBS_DIR) models .pytest_cache .mypy_cache .ruff_cache build \

@@ -17,18 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.report import percentile, table
 from dprouter.v1 import generate_pb2
+from router import tracing
 from router.dispatcher import Dispatcher
 from router.engine_types import Sampling
 from router.ledger import Ledger, RankLoad, RankState
 from router.membership import in_daemon_thread
+from router.metrics import Metrics
 from router.policies import DEFAULT_LOAD_FACTOR, POLICIES, RouteInput, make_policy
 from router.ranks import CoupledRanks
 from router.vllm_compat import (
@@ -37,25 +39,12 @@ from router.vllm_compat import (
     engine_sampling_params,
     new_flexible_parser,
 )
-from server.local_cluster import ClusterSpec, LocalCluster
+from server.local_cluster import ClusterSpec, LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama"
 VLLM_BALANCER = "vllm balancer"
 BLOCK = 128  # vLLM's KV block size on CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # --- decision cost -----------------------------------------------------------
@@ -88,15 +77,21 @@ def decision_cost(policy_name: str, ranks: int, decisions: int) -> float:
     return (time.perf_counter() - start) / decisions * 1e6
 
 
-def run_cost(_: argparse.Namespace) -> None:
+def cost_table() -> str:
     sizes = (2, 8, 64)
     rows = [
         [name, *(f"{min(decision_cost(name, n, 2000) for _ in range(3)):.1f}" for n in sizes)]
         for name in POLICIES
     ]
-    print("Routing decision cost, microseconds per decision (best of 3 x 2000; "
-          "512-token prompts, 16 shared system prompts)\n")  # fmt: skip
-    print(table(["policy", *(f"{n} ranks" for n in sizes)], rows))
+    return (
+        "Routing decision cost, microseconds per decision (best of 3 x 2000; "
+        "512-token prompts, 16 shared system prompts)\n\n"
+        + table(["policy", *(f"{n} ranks" for n in sizes)], rows)
+    )
+
+
+def run_cost(_: argparse.Namespace) -> None:
+    print(cost_table())
 
 
 # --- workloads on real engines --------------------------------------------------
@@ -150,7 +145,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
     straight to the engine client with no rank for vLLM's balancer."""
     counter = iter(range(10**9))
     pool = CoupledRanks(client)
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(Metrics())
     if system != VLLM_BALANCER:
         dispatcher.attach(
             pool, make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR), Ledger(2)
@@ -170,7 +165,8 @@ def submitter(system: str, client: EngineClient) -> Submit:
                     max_tokens=job.max_tokens, temperature=0, ignore_eos=True
                 ),
             )
-            deltas = dispatcher.run(dispatcher.prepare(request, ()), None, None)
+            trace = tracing.start("bench", (), "bench")  # not recording: no provider
+            deltas = dispatcher.run(dispatcher.prepare(request, (), trace), None)
         async for delta in deltas:
             cached = delta.cached_tokens
         return Result(job, time.perf_counter() - start, cached)
@@ -213,11 +209,6 @@ async def compare(
         finally:
             client.shutdown()
     return runs
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def skewed_jobs(seed: int, seconds: float, rate: float) -> list[Job]:

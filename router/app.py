@@ -10,6 +10,7 @@ shut the engine client down.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from typing import TypeVar
@@ -25,7 +26,9 @@ from router.config import RouterConfig, TlsConfig
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
 from router.membership import Membership
+from router.metrics import Metrics
 from router.service import GenerateServicer, RanksServicer
+from router.vllm_compat import with_traces_endpoint
 from router.watchdog import Watchdog
 from router.wire import MalformedRequestInterceptor
 
@@ -53,7 +56,9 @@ def build_server(
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(dispatcher), server)
+    generate_pb2_grpc.add_GenerateServiceServicer_to_server(
+        GenerateServicer(dispatcher, config.model_name), server
+    )
     ranks_pb2_grpc.add_RanksServiceServicer_to_server(RanksServicer(dispatcher, health), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
@@ -92,8 +97,21 @@ def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
 async def serve(config: RouterConfig) -> int:
     """Runs the router until a signal; the process exit code."""
     if tracing.setup():
-        log.info("tracing to OTLP")
-    dispatcher = Dispatcher(config.limits)
+        endpoint = tracing.traces_endpoint()
+        assert endpoint is not None  # tracing is on
+        log.info("tracing to OTLP", extra={"endpoint": endpoint})
+        config = dataclasses.replace(
+            config, engine_args=with_traces_endpoint(config.engine_args, endpoint)
+        )
+    metrics = Metrics()
+    dispatcher = Dispatcher(metrics, config.limits, config.max_queue_per_rank, config.max_in_flight)
+    metrics.watch(dispatcher.loads)
+    if config.metrics_listen is not None:
+        metrics_server = metrics.serve(config.metrics_listen)
+        log.info(
+            "serving metrics",
+            extra={"address": config.metrics_listen, "port": metrics_server.server_port},
+        )
     health = RouterHealth()
     server = build_server(dispatcher, health, config)
     serve_port(server, config)
@@ -144,6 +162,8 @@ async def serve(config: RouterConfig) -> int:
         log.warning("grace period over; cancelling the remaining requests")
     await server.stop(grace=1.0)
     membership.close()
+    if config.metrics_listen is not None:
+        metrics_server.shutdown()
     tracing.shutdown()
     log.info("stopped")
     return 0

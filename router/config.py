@@ -42,14 +42,24 @@ class RouterConfig:
     log_level: str
     engine_args: argparse.Namespace
     limits: RequestLimits
+    max_queue_per_rank: int | None
+    max_in_flight: int | None
     max_message_bytes: int
     tls: TlsConfig | None
     auth_tokens: frozenset[str]
+    metrics_listen: str | None
 
     @property
     def data_parallel_size(self) -> int:
         size: int = self.engine_args.data_parallel_size
         return size
+
+    @property
+    def model_name(self) -> str:
+        """The model as vLLM names it (--served-model-name, else --model)."""
+        names = self.engine_args.served_model_name
+        name: str = names[0] if names else self.engine_args.model
+        return name
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
@@ -91,15 +101,31 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         help="affinity policies spill a request to another rank when its rank would "
         "have more than this times the mean in-flight requests",
     )
+    router.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
+        "(default: off; port 0 picks a free one)",
+    )
     _add_security_args(parser)
     add_engine_args(parser)
     args = parser.parse_args(argv)
+    if args.metrics_listen is not None and not _is_host_port(args.metrics_listen):
+        parser.error(f"--metrics-listen must be HOST:PORT, got {args.metrics_listen!r}")
     if args.affinity_load_factor < 1:
         parser.error("--affinity-load-factor must be at least 1")
-    for flag in ("max_prompt_tokens", "max_n", "max_tokens_limit", "max_message_bytes"):
+    for flag in (
+        "max_prompt_tokens",
+        "max_n",
+        "max_tokens_limit",
+        "max_message_bytes",
+        "max_in_flight",
+    ):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_queue_per_rank is not None and args.max_queue_per_rank < 0:
+        parser.error("--max-queue-per-rank must be at least 0")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -124,10 +150,18 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
             max_n=args.max_n,
             max_tokens=args.max_tokens_limit,
         ),
+        max_queue_per_rank=args.max_queue_per_rank,
+        max_in_flight=args.max_in_flight,
         max_message_bytes=args.max_message_bytes,
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         auth_tokens=tokens,
+        metrics_listen=args.metrics_listen,
     )
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and int(port) < 65536
 
 
 def _add_security_args(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +174,19 @@ def _add_security_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-n", type=int, help="refuse sampling.n above this")
     limits.add_argument(
         "--max-tokens-limit", type=int, help="refuse sampling.max_tokens above this"
+    )
+    limits.add_argument(
+        "--max-queue-per-rank",
+        type=int,
+        help="requests a rank holds beyond what its engine runs at once (--max-num-seqs); "
+        "when every serving rank is full, requests get RESOURCE_EXHAUSTED with a retry "
+        "delay (default: --max-num-seqs)",
+    )
+    limits.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="requests the router holds in all; beyond, RESOURCE_EXHAUSTED with a retry "
+        "delay (default: only the per-rank bounds)",
     )
     limits.add_argument(
         "--max-message-bytes",

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +20,14 @@ import grpc
 from google.rpc import error_details_pb2
 
 from dprouter.v1 import generate_pb2
-from router import validation
-from router.engine_types import EngineDelta
+from router import admission, validation
+from router.engine_types import EngineDelta, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, Outcome, RankLoad, RankState
+from router.metrics import Metrics
 from router.policies import Candidate, Decision, Policy, RouteInput, load_score
 from router.ranks import RankNotJoined, RankPool
+from router.tracing import RequestTrace
 from router.vllm_compat import (
     EngineClientError,
     EngineDeadError,
@@ -49,6 +51,9 @@ class Job:
     rank: int
     route_policy: str  # the policy that chose the rank, or "pin"
     route_reason: str
+    sampling: Sampling
+    arrived: float  # when the router began with it (monotonic)
+    trace: RequestTrace
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class _Admitted:
 
     checked: validation.CheckedRequest
     prompt_token_ids: list[int]
+    sampling: Sampling
     params: EngineSamplingParams
 
 
@@ -85,8 +91,19 @@ def _engine_id(request_id: str) -> str:
 
 
 class Dispatcher:
-    def __init__(self, allowed: validation.RequestLimits = validation.NO_LIMITS) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        allowed: validation.RequestLimits = validation.NO_LIMITS,
+        max_queue_per_rank: int | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self.metrics = metrics
         self.allowed = allowed  # the router's own per-request limits
+        # None: as many as a rank's engine runs at once.
+        self._max_queue_per_rank = max_queue_per_rank
+        self._max_in_flight = max_in_flight
+        self.queue_limits = admission.QueueLimits(1, 0)  # set when the ranks join
         self.pool: RankPool | None = None
         self.policy: Policy | None = None
         self.ledger = Ledger(0)
@@ -96,14 +113,16 @@ class Dispatcher:
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
         self._streaming: dict[str, _Streaming] = {}  # by engine id
-        # When each rank last produced output: the watchdog's proof of progress.
-        self.last_output: dict[int, float] = {}
 
     def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
         """The ranks (some, at least) have joined: route with `policy`."""
         self.ledger = ledger
         self.policy = policy
         self.pool = pool
+        queue = self._max_queue_per_rank
+        self.queue_limits = admission.QueueLimits(
+            pool.capacity, pool.capacity if queue is None else queue, self._max_in_flight
+        )
 
     def loads(self) -> list[RankLoad]:
         return self.ledger.loads(self.pool.engine_loads() if self.pool is not None else None)
@@ -135,27 +154,38 @@ class Dispatcher:
             raise invalid_argument(
                 f"sampling.{parameter}" if parameter else "sampling", str(e)
             ) from None
-        return _Admitted(checked, ids, params)
+        return _Admitted(checked, ids, sampling, params)
 
-    def _route(self, admitted: _Admitted) -> Decision:
-        """The policy's decision, or the pin's; nothing is committed yet."""
+    def _route(self, admitted: _Admitted, deadline_s: float | None) -> Decision:
+        """The policy's decision, or the pin's; nothing is committed yet.
+        Refuses the request when no rank has room for it, or it cannot
+        expect its first token before its deadline."""
         self._pool()
-        loads = self.loads()
+        limits = self.queue_limits
+        loads = admission.mark_full(self.loads(), limits)
+        admission.check_router_bound(loads, limits)
         pin = admitted.checked.rank_pin
         if pin is None:
             assert self.policy is not None  # attached with the pool
             route = RouteInput(admitted.prompt_token_ids, admitted.checked.session_key)
             decision = self.policy.decide(route, loads)
             if decision.rank is None:
+                if any(load.state is RankState.SERVING for load in loads):
+                    raise admission.all_full(loads, limits)
                 raise unavailable("no rank is serving")
-            return decision
-        state = loads[pin.rank].state
-        if state is RankState.DRAINING:
-            raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
-        if state is RankState.UNHEALTHY:
-            raise unavailable(f"rank {pin.rank} is unhealthy")
-        candidates = [Candidate(load.rank, load_score(load)) for load in loads]
-        return Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+            rank = decision.rank
+        else:
+            state = loads[pin.rank].state
+            if state is RankState.DRAINING:
+                raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
+            if state is RankState.UNHEALTHY:
+                raise unavailable(f"rank {pin.rank} is unhealthy")
+            admission.check_rank_room(loads[pin.rank], limits)
+            candidates = [Candidate(load.rank, load_score(load)) for load in loads]
+            decision = Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+            rank = pin.rank
+        admission.check_deadline(loads[rank], limits, deadline_s)
+        return decision
 
     def explain(
         self,
@@ -164,34 +194,57 @@ class Dispatcher:
     ) -> tuple[Decision, int]:
         """Where the request would go now, and its prompt's length; a dry run."""
         admitted = self._admit(request, metadata)
-        return self._route(admitted), len(admitted.prompt_token_ids)
+        return self._route(admitted, None), len(admitted.prompt_token_ids)
 
     def prepare(
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
+        trace: RequestTrace,
+        deadline_s: float | None = None,
     ) -> Job:
-        """Checks, routes and counts the request on its rank. The caller must
-        `run` the job or `release` it."""
-        admitted = self._admit(request, metadata)
-        decision = self._route(admitted)
-        assert decision.rank is not None
-        decision.commit()
+        """Checks, routes and counts the request on its rank, each step in a
+        span of the request's trace. The caller must `run` the job or
+        `release` it. `deadline_s`: the seconds left to the request's
+        deadline, if it has one."""
+        arrived = time.monotonic()
+        with trace.stage("validate"):
+            admitted = self._admit(request, metadata)
         checked = admitted.checked
-        job = Job(
-            request_id=checked.request_id,
-            engine_request_id=_engine_id(checked.request_id),
-            prompt_token_ids=admitted.prompt_token_ids,
-            session_key=checked.session_key,
-            pinned=checked.rank_pin is not None,
-            params=admitted.params,
-            priority=checked.priority,
-            rank=decision.rank,
-            route_policy=decision.policy,
-            route_reason=decision.reason,
+        trace.request(
+            admitted.sampling,
+            len(admitted.prompt_token_ids),
+            chat=checked.prompt.messages is not None,
+            session=checked.session_key,
         )
-        self._reserve(job)
+        with trace.stage("route") as span:
+            decision = self._route(admitted, deadline_s)
+            assert decision.rank is not None
+            self._commit(decision)
+            job = Job(
+                request_id=checked.request_id,
+                engine_request_id=_engine_id(checked.request_id),
+                prompt_token_ids=admitted.prompt_token_ids,
+                session_key=checked.session_key,
+                pinned=checked.rank_pin is not None,
+                params=admitted.params,
+                priority=checked.priority,
+                rank=decision.rank,
+                route_policy=decision.policy,
+                route_reason=decision.reason,
+                sampling=admitted.sampling,
+                arrived=arrived,
+                trace=trace,
+            )
+            self._reserve(job)
+            if span.is_recording():  # the rank's load with this request admitted
+                trace.routed(span, decision, self.ledger.loads(None)[job.rank])
         return job
+
+    def _commit(self, decision: Decision) -> None:
+        """The request goes where `decision` says."""
+        decision.commit()
+        self.metrics.routed(decision.policy, decision.reason)
 
     def _reserve(self, job: Job) -> None:
         self.ledger.reserve(job.engine_request_id, job.rank, len(job.prompt_token_ids))
@@ -213,11 +266,10 @@ class Dispatcher:
         self.ledger.set_drained(rank, drained)
         return self.loads()[rank]
 
-    async def run(
-        self, job: Job, trace_headers: Mapping[str, str] | None, deadline_s: float | None
-    ) -> AsyncIterator[EngineDelta]:
+    async def run(self, job: Job, deadline_s: float | None) -> AsyncGenerator[EngineDelta, None]:
         """The job's deltas; engine failures become RequestErrors. A job whose
-        rank fails before it produced anything is retried on another rank. At
+        rank fails before it produced anything is retried on another rank; each
+        attempt is a span of the job's trace, parent of the engine's own. At
         the deadline the engine request is aborted by a timer, not by the
         consumer: a handler blocked sending to a vanished client was seen to
         miss gRPC's own cancellation for the whole generation."""
@@ -231,18 +283,22 @@ class Dispatcher:
         delivered = 0  # tokens handed to the client
         task = asyncio.current_task()
         assert task is not None
+        timer = self.metrics.stream(job.arrived)
         try:
             while True:
                 engine_id = job.engine_request_id
                 streaming = _Streaming(job, task)
                 self._streaming[engine_id] = streaming
+                attempt = job.trace.attempt(
+                    job.rank, engine_id, job.sampling, len(job.prompt_token_ids)
+                )
                 deltas = pool.generate(
                     engine_id,
                     job.prompt_token_ids,
                     job.params,
                     job.rank,
                     job.priority,
-                    trace_headers,
+                    attempt.headers,
                 ).__aiter__()
                 try:
                     while True:
@@ -254,7 +310,8 @@ class Dispatcher:
                         finally:
                             streaming.in_engine = False
                         self.ledger.prefilled(engine_id)
-                        self.last_output[job.rank] = time.monotonic()
+                        attempt.output(delta)
+                        timer.output(job.rank, delta)
                         if delta.finished:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)
@@ -262,19 +319,26 @@ class Dispatcher:
                         if streaming.failed:  # found out while the client was sent this
                             raise RankFailed
                     break
-                except asyncio.CancelledError:
+                except asyncio.CancelledError as e:
                     if not streaming.failed:
+                        attempt.fail(e)
                         raise  # the client's cancel, not a failed rank
                     task.uncancel()
+                    attempt.fail(RankFailed(f"rank {job.rank} failed"))
                     if delivered or job.pinned:
                         raise RankFailed from None
                     self._retry_elsewhere(job)
-                except (EngineDeadError, RankNotJoined):
+                except (EngineDeadError, RankNotJoined) as e:
+                    attempt.fail(e)
                     if delivered or job.pinned:
                         raise
                     self._retry_elsewhere(job)
+                except BaseException as e:
+                    attempt.fail(e)
+                    raise
                 finally:
                     self._streaming.pop(engine_id, None)
+                    attempt.end()
         except (EngineDeadError, RankNotJoined, RankFailed):
             outcome = Outcome.FAILED
             raise RequestError(
@@ -316,9 +380,9 @@ class Dispatcher:
         the engine elsewhere (vLLM awaits it before registering a request) is
         interrupted."""
         assert self.pool is not None
-        with contextlib.suppress(RankNotJoined):
-            await self.pool.fail(rank)
         on_rank = [st for st in self._streaming.values() if st.job.rank == rank]
+        with contextlib.suppress(RankNotJoined):
+            await self.pool.fail(rank, [st.job.engine_request_id for st in on_rank])
         for streaming in on_rank:
             streaming.failed = True
             # Interrupt only a wait on the engine: cancelled anywhere else (a
@@ -333,10 +397,10 @@ class Dispatcher:
         self.release(job, Outcome.FAILED)
         assert self.policy is not None
         route = RouteInput(job.prompt_token_ids, job.session_key)
-        decision = self.policy.decide(route, self.loads())
+        decision = self.policy.decide(route, admission.mark_full(self.loads(), self.queue_limits))
         if decision.rank is None:
-            raise unavailable(f"rank {job.rank} failed and no other rank is serving")
-        decision.commit()
+            raise unavailable(f"rank {job.rank} failed and no other rank has room")
+        self._commit(decision)
         log.info(
             "retrying on another rank",
             extra={"request_id": job.request_id, "failed_rank": job.rank, "rank": decision.rank},

@@ -9,8 +9,13 @@ The counts are the router's own, so they hold for any topology.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+# Weight of the newest request in the moving averages of time to first token
+# and duration: about the last ten requests count.
+EWMA_WEIGHT = 0.2
 
 
 class RankState(enum.Enum):
@@ -48,6 +53,15 @@ class RankLoad:
     served: int
     failed: int
     cancelled: int
+    # Moving averages over recent requests (None before the first): seconds
+    # from routing to the first output, and to the end of a served request.
+    ttft_s: float | None = None
+    duration_s: float | None = None
+    full: bool = False  # at its queue bound: takes no new request (admission.py)
+
+
+def _average(mean: float | None, sample: float) -> float:
+    return sample if mean is None else mean + EWMA_WEIGHT * (sample - mean)
 
 
 @dataclass
@@ -57,12 +71,15 @@ class _Counts:
     served: int = 0
     failed: int = 0
     cancelled: int = 0
+    ttft_s: float | None = None
+    duration_s: float | None = None
 
 
 @dataclass
 class _Entry:
     rank: int
     queued_prompt_tokens: int
+    routed_at: float
 
 
 class Ledger:
@@ -98,13 +115,15 @@ class Ledger:
         counts = self._counts[rank]
         counts.in_flight += 1
         counts.queued_prompt_tokens += prompt_tokens
-        self._entries[request_id] = _Entry(rank, prompt_tokens)
+        self._entries[request_id] = _Entry(rank, prompt_tokens, time.monotonic())
 
     def prefilled(self, request_id: str) -> None:
         """The request produced its first output: its prompt is no longer queued."""
         entry = self._entries.get(request_id)
         if entry is not None and entry.queued_prompt_tokens:
-            self._counts[entry.rank].queued_prompt_tokens -= entry.queued_prompt_tokens
+            counts = self._counts[entry.rank]
+            counts.queued_prompt_tokens -= entry.queued_prompt_tokens
+            counts.ttft_s = _average(counts.ttft_s, time.monotonic() - entry.routed_at)
             entry.queued_prompt_tokens = 0
 
     def release(self, request_id: str, outcome: Outcome) -> bool:
@@ -117,6 +136,7 @@ class Ledger:
         counts.queued_prompt_tokens -= entry.queued_prompt_tokens
         if outcome is Outcome.SERVED:
             counts.served += 1
+            counts.duration_s = _average(counts.duration_s, time.monotonic() - entry.routed_at)
         elif outcome is Outcome.FAILED:
             counts.failed += 1
         else:
@@ -138,6 +158,8 @@ class Ledger:
                 served=c.served,
                 failed=c.failed,
                 cancelled=c.cancelled,
+                ttft_s=c.ttft_s,
+                duration_s=c.duration_s,
             )
             for rank, (c, report) in enumerate(zip(self._counts, reports, strict=True))
         ]

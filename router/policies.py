@@ -88,8 +88,13 @@ def load_score(load: RankLoad) -> float:
     )
 
 
+def _takes_requests(load: RankLoad) -> bool:
+    return load.state is RankState.SERVING and not load.full
+
+
 def _serving(loads: Sequence[RankLoad]) -> list[RankLoad]:
-    return [load for load in loads if load.state is RankState.SERVING]
+    """The ranks that take new requests: serving, and not at their queue bound."""
+    return [load for load in loads if _takes_requests(load)]
 
 
 def _load_bound(serving: Sequence[RankLoad], load_factor: float) -> int:
@@ -141,7 +146,7 @@ class RoundRobin:
         candidates = [Candidate(load.rank, load_score(load)) for load in _serving(loads)]
         for step in range(len(loads)):
             rank = (self._next + step) % len(loads)
-            if loads[rank].state is RankState.SERVING:
+            if _takes_requests(loads[rank]):
 
                 def commit(rank: int = rank) -> None:
                     self._next = rank + 1

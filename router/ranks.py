@@ -8,14 +8,15 @@ class here:
   others, and it can be replaced alone.
 - `CoupledRanks`: one engine client for all ranks (`data_parallel_size=N`),
   vLLM's multi-instance data-parallel pattern, needed where the ranks must
-  step together (MoE / expert parallel). The group lives and dies as one.
+  step together (MoE / expert parallel). A dead rank cannot be replaced:
+  the group is restarted as one.
 Ranks run in rank servers on any host and join the router over vLLM's
 data-parallel RPC. The router's own per-rank counts live in `ledger.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol
 
 from router.engine_types import EngineDelta
@@ -29,6 +30,7 @@ class RankPool(Protocol):
 
     limits: ModelLimits
     block_size: int  # tokens per KV block, the unit of vLLM's prefix cache
+    capacity: int  # requests one rank's engine runs at once (max_num_seqs)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -52,9 +54,21 @@ class RankPool(Protocol):
         """Returns once the rank's engine has run one token; hangs if it cannot."""
         ...
 
-    async def fail(self, rank: int) -> int:
-        """Ends the requests running on a failed rank with EngineDeadError
-        (with the coupled topology: on every rank, which fail together); how many."""
+    def last_heard(self, rank: int) -> float:
+        """When the rank's engine last sent outputs (`time.monotonic()`; 0.0
+        if never): proof of progress while it has work."""
+        ...
+
+    def dropped_at(self, rank: int) -> float:
+        """When the rank's engine (with the coupled topology: any rank's)
+        last dropped its connection (`time.monotonic()`; 0.0 if never)."""
+        ...
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        """Ends these requests of a failed rank with EngineDeadError. With
+        the coupled topology the other ranks go on if they can: vLLM's
+        dense-model ranks do; ranks that must step together stop answering
+        too, and the watchdog fails them on their own evidence."""
         ...
 
     def engine_loads(self) -> list[EngineLoad]:
@@ -81,6 +95,7 @@ class CoupledRanks:
         self._client = client
         self.limits = _limits(client, client.data_parallel_size)
         self.block_size = client.block_size
+        self.capacity = client.max_num_seqs
 
     def encode(self, text: str) -> list[int]:
         return self._client.encode(text)
@@ -107,8 +122,14 @@ class CoupledRanks:
     async def probe(self, rank: int) -> None:
         await self._client.probe(rank)
 
-    async def fail(self, rank: int) -> int:
-        return await self._client.fail_all()
+    def last_heard(self, rank: int) -> float:
+        return self._client.last_heard()[rank]
+
+    def dropped_at(self, rank: int) -> float:
+        return self._client.dropped_at()
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        await self._client.fail(request_ids)
 
     def engine_loads(self) -> list[EngineLoad]:
         return [EngineLoad(w, r, kv) for w, r, kv in self._client.engine_counts()]
@@ -130,6 +151,7 @@ class IndependentRanks:
         self._clients[rank] = client
         self.limits = _limits(client, ranks)
         self.block_size = client.block_size
+        self.capacity = client.max_num_seqs
 
     def join(self, rank: int, client: EngineClient) -> None:
         """Adds a rank's client; it must serve the same model as the others."""
@@ -177,8 +199,16 @@ class IndependentRanks:
     async def probe(self, rank: int) -> None:
         await self._client(rank).probe(None)
 
-    async def fail(self, rank: int) -> int:
-        return await self._client(rank).fail_all()
+    def last_heard(self, rank: int) -> float:
+        client = self._clients[rank]
+        return client.last_heard()[0] if client is not None else 0.0
+
+    def dropped_at(self, rank: int) -> float:
+        client = self._clients[rank]
+        return client.dropped_at() if client is not None else 0.0
+
+    async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
+        await self._client(rank).fail(request_ids)
 
     def engine_loads(self) -> list[EngineLoad]:
         return [

@@ -1,20 +1,21 @@
 """The gRPC servicers: decode, hand to the dispatcher, encode. No routing here.
 
-Every RPC runs inside `_Rpc.observed`, which opens the request's span, logs its
-outcome and turns a `RequestError` into the matching gRPC status.
+Every Generate RPC runs inside `_Rpc.observed`, which starts the request's
+trace, ends it with the RPC's status, counts the RPC in the metrics and logs
+its outcome.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from opentelemetry.trace import Span, StatusCode
+from opentelemetry.util.types import AttributeValue
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router import tracing
@@ -23,12 +24,16 @@ from router.engine_types import EngineDelta, EngineTokenLogprob
 from router.errors import RequestError
 from router.health import RouterHealth
 from router.ledger import Outcome, RankLoad, RankState
+from router.tracing import RequestTrace
 from router.validation import RANK_METADATA_KEY
 
 log = logging.getLogger("dprouter.requests")
 # Response metadata: why the request went to its rank.
 ROUTE_POLICY_METADATA_KEY = "x-route-policy"
 ROUTE_REASON_METADATA_KEY = "x-route-reason"
+# In the headers and the trailers: the trailers reach the client even when
+# the request fails before any header is sent.
+TRACE_ID_METADATA_KEY = "x-trace-id"
 # A cancel this close to the deadline counts as the deadline passing.
 DEADLINE_SLACK_S = 0.1
 if TYPE_CHECKING:  # generic only in the type stubs
@@ -40,8 +45,10 @@ def _metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:
 
 
 async def _abort(context: Context, error: RequestError, message: str) -> None:
-    """Ends the RPC with the error's status, message and rich details."""
-    await context.abort(error.code, message, trailing_metadata=error.trailers(message))
+    """Ends the RPC with the error's status, message and rich details (and
+    the trailers already set: the trace id)."""
+    trailers = (*(context.trailing_metadata() or ()), *error.trailers(message))
+    await context.abort(error.code, message, trailing_metadata=trailers)
 
 
 def _check_deadline(context: Context) -> None:
@@ -70,9 +77,11 @@ class _Outcome:
     """What the log line and the span say about a finished RPC."""
 
     job: Job | None = None
+    deltas: AsyncGenerator[EngineDelta, None] | None = None  # the job's stream, once it runs
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
     fields: dict[str, object] = field(default_factory=dict)
 
 
@@ -101,76 +110,93 @@ def _usage(outcome: _Outcome) -> generate_pb2.Usage:
 
 def _count(outcome: _Outcome, delta: EngineDelta) -> None:
     outcome.completion_tokens += len(delta.token_ids)
+    if delta.finish_reason:
+        outcome.finish_reasons.append(delta.finish_reason)
     if delta.finished:
         outcome.cached_tokens = delta.cached_tokens
 
 
-class _Rpc:
-    """Span, log line and status mapping shared by the Generate RPCs."""
+def _span_attributes(outcome: _Outcome) -> dict[str, AttributeValue]:
+    """What the server span says of the RPC's end: the usage, the finish
+    reasons and, once routed, where the request went and why."""
+    attributes: dict[str, AttributeValue] = {
+        "gen_ai.usage.input_tokens": outcome.prompt_tokens,
+        "gen_ai.usage.output_tokens": outcome.completion_tokens,
+        "gen_ai.usage.cache_read.input_tokens": outcome.cached_tokens,
+        "gen_ai.response.finish_reasons": outcome.finish_reasons,
+    }
+    if (job := outcome.job) is not None:
+        attributes.update(
+            {
+                "gen_ai.request.id": job.request_id,
+                "vllm.data_parallel_rank": job.rank,
+                "dprouter.route.policy": job.route_policy,
+                "dprouter.route.reason": job.route_reason,
+            }
+        )
+    return attributes
 
-    def __init__(self, dispatcher: Dispatcher, method: str, field_prefix: str = "") -> None:
+
+class _Rpc:
+    """Trace, metrics, log line and status mapping shared by the Generate RPCs."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, model: str, method: str, field_prefix: str = ""
+    ) -> None:
         self.dispatcher = dispatcher
+        self.model = model  # as the traces name it
         self.method = method
         self.field_prefix = field_prefix  # where the GenerateRequest sits in the RPC's request
 
-    @contextmanager
-    def observed(self, context: Context, client_request_id: str) -> Iterator[tuple[Span, _Outcome]]:
+    @asynccontextmanager
+    async def observed(
+        self, context: Context, client_request_id: str
+    ) -> AsyncIterator[tuple[RequestTrace, _Outcome]]:
         started = time.perf_counter()
         outcome = _Outcome()
-        code = grpc.StatusCode.OK
-        with tracing.request_span(self.method, _metadata(context)) as span:
-            try:
-                yield span, outcome
-            except RequestError as e:
-                code = e.code
-                span.set_status(StatusCode.ERROR, self.message(e))
-                outcome.fields["error"] = self.message(e)
-                raise
-            except BaseException as e:  # cancelled, deadline, client gone
-                # The client's own timer often cancels a moment before ours fires.
-                remaining = context.time_remaining()
-                code = (
-                    grpc.StatusCode.DEADLINE_EXCEEDED
-                    if remaining is not None and remaining < DEADLINE_SLACK_S
-                    else grpc.StatusCode.CANCELLED
-                )
-                span.set_status(StatusCode.ERROR, code.name)
-                outcome.fields["error"] = type(e).__name__
-                raise
-            finally:
-                job = outcome.job
-                span.set_attributes(
-                    {
-                        "rpc.system": "grpc",
-                        "rpc.method": self.method,
-                        "rpc.grpc.status_code": code.value[0],
-                        "gen_ai.usage.input_tokens": outcome.prompt_tokens,
-                        "gen_ai.usage.output_tokens": outcome.completion_tokens,
-                    }
-                )
-                if job is not None:
-                    span.set_attributes(
-                        {
-                            "gen_ai.request.id": job.request_id,
-                            "vllm.data_parallel_rank": job.rank,
-                            "dprouter.route.policy": job.route_policy,
-                            "dprouter.route.reason": job.route_reason,
-                        }
-                    )
-                log.info(
-                    "request finished",
-                    extra={
-                        "method": self.method,
-                        "request_id": job.request_id if job else client_request_id or None,
-                        "rank": job.rank if job else None,
-                        "route": f"{job.route_policy}/{job.route_reason}" if job else None,
-                        "status": code.name,
-                        "prompt_tokens": outcome.prompt_tokens,
-                        "completion_tokens": outcome.completion_tokens,
-                        "ms": round((time.perf_counter() - started) * 1000, 2),
-                        **outcome.fields,
-                    },
-                )
+        code, message = grpc.StatusCode.OK, ""
+        trace = tracing.start(self.method, _metadata(context), self.model)
+        if trace.trace_id is not None:
+            context.set_trailing_metadata(((TRACE_ID_METADATA_KEY, trace.trace_id),))
+        try:
+            yield trace, outcome
+        except RequestError as e:
+            code, message = e.code, self.message(e)
+            outcome.fields["error"] = message
+            raise
+        except BaseException as e:  # cancelled, deadline, client gone
+            # The client's own timer often cancels a moment before ours fires.
+            remaining = context.time_remaining()
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining < DEADLINE_SLACK_S
+                else grpc.StatusCode.CANCELLED
+            )
+            message = code.name
+            outcome.fields["error"] = type(e).__name__
+            raise
+        finally:
+            if outcome.deltas is not None:
+                # Ends the job now, not when the stream is collected: its
+                # release and its attempt's span come before the RPC's end.
+                await outcome.deltas.aclose()
+            job = outcome.job
+            trace.end(code, message, _span_attributes(outcome))
+            self.dispatcher.metrics.finished(self.method, code.name)
+            log.info(
+                "request finished",
+                extra={
+                    "method": self.method,
+                    "request_id": job.request_id if job else client_request_id or None,
+                    "rank": job.rank if job else None,
+                    "route": f"{job.route_policy}/{job.route_reason}" if job else None,
+                    "status": code.name,
+                    "prompt_tokens": outcome.prompt_tokens,
+                    "completion_tokens": outcome.completion_tokens,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                    **outcome.fields,
+                },
+            )
 
     def message(self, error: RequestError) -> str:
         return error.message(self.field_prefix)
@@ -179,12 +205,14 @@ class _Rpc:
         self,
         request: generate_pb2.GenerateRequest,
         context: Context,
-        span: Span,
+        trace: RequestTrace,
         outcome: _Outcome,
-    ) -> tuple[Job, AsyncIterator[EngineDelta]]:
+    ) -> tuple[Job, AsyncGenerator[EngineDelta, None]]:
         """Checks and routes the request, sends the response metadata and
         returns the engine's stream."""
-        job = outcome.job = self.dispatcher.prepare(request, _metadata(context))
+        job = outcome.job = self.dispatcher.prepare(
+            request, _metadata(context), trace, context.time_remaining()
+        )
         outcome.prompt_tokens = len(job.prompt_token_ids)
         metadata = [
             (RANK_METADATA_KEY, str(job.rank)),
@@ -192,29 +220,28 @@ class _Rpc:
             (ROUTE_REASON_METADATA_KEY, job.route_reason),
             ("x-request-id", job.request_id),
         ]
-        if (trace_id := tracing.trace_id(span)) is not None:
-            metadata.append(("x-trace-id", trace_id))
+        if (trace_id := trace.trace_id) is not None:
+            metadata.append((TRACE_ID_METADATA_KEY, trace_id))
         try:
             await context.send_initial_metadata(metadata)
         except BaseException:
             self.dispatcher.release(job, Outcome.CANCELLED)
             raise
-        return job, self.dispatcher.run(
-            job, tracing.outgoing_headers(span), context.time_remaining()
-        )
+        outcome.deltas = self.dispatcher.run(job, context.time_remaining())
+        return job, outcome.deltas
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self._generate = _Rpc(dispatcher, "dprouter.v1.GenerateService/Generate")
-        self._complete = _Rpc(dispatcher, "dprouter.v1.GenerateService/Complete", "request.")
+    def __init__(self, dispatcher: Dispatcher, model: str) -> None:
+        self._generate = _Rpc(dispatcher, model, "dprouter.v1.GenerateService/Generate")
+        self._complete = _Rpc(dispatcher, model, "dprouter.v1.GenerateService/Complete", "request.")
 
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         try:
-            with self._generate.observed(context, request.request_id) as (span, outcome):
-                job, deltas = await self._generate.start(request, context, span, outcome)
+            async with self._generate.observed(context, request.request_id) as (trace, outcome):
+                job, deltas = await self._generate.start(request, context, trace, outcome)
                 first = True
                 async for delta in deltas:
                     _check_deadline(context)
@@ -243,11 +270,11 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self, request: generate_pb2.CompleteRequest, context: Context
     ) -> generate_pb2.CompleteResponse:
         try:
-            with self._complete.observed(context, request.request.request_id) as (
-                span,
+            async with self._complete.observed(context, request.request.request_id) as (
+                trace,
                 outcome,
             ):
-                job, deltas = await self._complete.start(request.request, context, span, outcome)
+                job, deltas = await self._complete.start(request.request, context, trace, outcome)
                 choices: dict[int, generate_pb2.Choice] = {}
                 async for delta in deltas:
                     _check_deadline(context)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import zmq
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.cli.serve import run_headless
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -25,8 +28,10 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
+from zmq.utils.monitor import parse_monitor_message
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
+from router.tracing import UNSAMPLED_HEADERS
 
 __all__ = [
     "EngineClient",
@@ -40,6 +45,7 @@ __all__ = [
     "new_flexible_parser",
     "rank_group_args",
     "run_rank_server",
+    "with_traces_endpoint",
 ]
 
 # The engine rejected the request itself (bad parameters for this model).
@@ -82,6 +88,11 @@ def run_rank_server(args: argparse.Namespace) -> None:
     """Runs vLLM's headless data-parallel engines until they exit or a signal."""
     args.headless = True
     args.api_server_count = 0
+    # A data-parallel group of one (an independent rank) takes the router's
+    # address from this variable, not from --data-parallel-address (vLLM
+    # 0.32's ParallelConfig): without it, a rank on another host would
+    # knock on its own 127.0.0.1.
+    os.environ["VLLM_DP_MASTER_IP"] = args.data_parallel_address
     run_headless(args)
 
 
@@ -127,8 +138,13 @@ class _CountsRecorder(StatLoggerBase):
         pass
 
 
-def _yield_between_output_batches(llm: AsyncLLM) -> None:
-    """Makes vLLM's two output loops let other tasks run after each message.
+def _watch_output_batches(llm: AsyncLLM, heard: dict[int, float]) -> None:
+    """Notes when each engine last sent outputs, and makes vLLM's two output
+    loops let other tasks run after each message.
+
+    The time an output batch was read is the watchdog's proof that an engine
+    with work makes progress, whether or not the request handlers keep up
+    (a handler waits while its client reads slowly).
 
     vLLM reads engine outputs in two loops: one moves messages from the ZMQ
     socket to a queue, the other takes them from the queue to the requests.
@@ -144,7 +160,14 @@ def _yield_between_output_batches(llm: AsyncLLM) -> None:
     socket = llm.engine_core.resources.output_socket
     socket.recv_multipart = _after_a_yield(socket.recv_multipart)
     core = llm.engine_core
-    core.get_output_async = _after_a_yield(core.get_output_async)
+    get_output = _after_a_yield(core.get_output_async)
+
+    async def get_output_noting_the_engine() -> Any:
+        outputs = await get_output()
+        heard[outputs.engine_index] = time.monotonic()
+        return outputs
+
+    core.get_output_async = get_output_noting_the_engine
 
 
 def _after_a_yield(receive: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -155,6 +178,17 @@ def _after_a_yield(receive: Callable[..., Awaitable[Any]]) -> Callable[..., Awai
         return await receive(*args, **kwargs)
 
     return receive_after_yielding
+
+
+def with_traces_endpoint(engine_args: argparse.Namespace, endpoint: str) -> argparse.Namespace:
+    """The engine flags with vLLM's request tracing on (unless the operator
+    set --otlp-traces-endpoint). Without it vLLM drops the `traceparent` we
+    pass; with it, the router's process emits vLLM's `llm_request` span
+    (through the global tracer provider, which the router installed first)."""
+    args = argparse.Namespace(**vars(engine_args))
+    if args.otlp_traces_endpoint is None:
+        args.otlp_traces_endpoint = endpoint
+    return args
 
 
 def rank_group_args(engine_args: argparse.Namespace, rpc_port: int) -> argparse.Namespace:
@@ -177,8 +211,16 @@ class EngineClient:
     def __init__(self, llm: AsyncLLM, counts: dict[int, EngineCounts]) -> None:
         self._llm = llm
         self._counts = counts
-        _yield_between_output_batches(llm)
+        # When each engine (rank) of this client last sent outputs.
+        self._heard: dict[int, float] = {}
+        _watch_output_batches(llm, self._heard)
         self._probes = 0
+        # vLLM traces every finished request when tracing is on; not the probes.
+        tracing = llm.observability_config.otlp_traces_endpoint is not None
+        self._probe_trace_headers = UNSAMPLED_HEADERS if tracing else None
+        # When an engine last dropped its connection to this client.
+        self._dropped_at = 0.0
+        self._connection_watch: asyncio.Task[None] | None = None
         model_config = llm.model_config
         self.max_model_len: int = model_config.max_model_len
         self.max_logprobs: int = model_config.max_logprobs
@@ -187,6 +229,8 @@ class EngineClient:
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
         # The KV block size; vLLM's prefix cache reuses whole blocks only.
         self.block_size: int = llm.vllm_config.cache_config.block_size
+        # The requests one engine runs at once; more wait in its queue.
+        self.max_num_seqs: int = llm.vllm_config.scheduler_config.max_num_seqs
 
     @classmethod
     def start(cls, engine_args: argparse.Namespace, in_process: bool = False) -> EngineClient:
@@ -261,31 +305,70 @@ class EngineClient:
         fresh as its last request; `probe` makes it step."""
         return [self._counts.get(i, (0, 0, 0.0)) for i in range(self.data_parallel_size)]
 
+    def last_heard(self) -> list[float]:
+        """Per engine (rank) of this client: when it last sent outputs
+        (`time.monotonic()`; 0.0 if never)."""
+        return [self._heard.get(i, 0.0) for i in range(self.data_parallel_size)]
+
+    def dropped_at(self) -> float:
+        """When an engine of this client last dropped its connection
+        (`time.monotonic()`; 0.0 if never): a killed engine process is
+        known at once, without waiting for the probes' timeout. Which engine,
+        the socket does not say: with several, all are suspects."""
+        return self._dropped_at
+
+    async def _watch_connection(self) -> None:
+        """Notes every drop of an engine's connection (ZMQ socket monitor)."""
+        socket = self._llm.engine_core.resources.input_socket
+        monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                self._dropped_at = time.monotonic()
+        finally:
+            monitor.close(linger=0)
+
     async def probe(self, rank: int | None) -> None:
         """Runs one greedy token on the rank's engine: the proof that it is
-        alive and steps, and a fresh report of its counts."""
+        alive and steps, and a fresh report of its counts (an engine reports
+        only when it steps). A utility call would leave an idle engine's
+        worker asleep instead of busy-waiting (vLLM's shared-memory queue
+        spins for a second after each message, so probes every second keep
+        it spinning on a core), but a worker woken from that sleep took 3-4 s
+        to take up the next request here, and the watchdog then failed a
+        healthy rank."""
+        if self._connection_watch is None:  # the first probe runs on the event loop
+            self._connection_watch = asyncio.ensure_future(self._watch_connection())
         self._probes += 1
         params = SamplingParams(
             max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
         )
         async for _ in self._llm.generate(
-            tokens_input([0]), params, f"probe-{rank}-{self._probes}", data_parallel_rank=rank
+            tokens_input([0]),
+            params,
+            f"probe-{rank}-{self._probes}",
+            data_parallel_rank=rank,
+            trace_headers=self._probe_trace_headers,
         ):
             pass
 
-    async def fail_all(self) -> int:
-        """Ends every request of this client with EngineDeadError, as vLLM does
+    async def fail(self, request_ids: Sequence[str]) -> None:
+        """Ends these requests (our ids) with EngineDeadError, as vLLM does
         when it sees its engine die (it does not see a killed or stopped
         engine), and aborts them in the engine in case it comes back."""
-        processor = self._llm.output_processor
-        request_ids = list(processor.request_states)
-        processor.propagate_error(EngineDeadError())
-        await self._llm.abort(request_ids, internal=True)
-        return len(request_ids)
+        wanted = set(request_ids)
+        for state in self._llm.output_processor.request_states.values():
+            if state.external_req_id in wanted and state.queue is not None:
+                state.queue.put(EngineDeadError())
+        await self._llm.abort(list(wanted))
 
     async def reset_prefix_cache(self) -> None:
         """Empties every rank's prefix cache (benchmarks start each system cold)."""
         await self._llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        if self._connection_watch is not None:
+            self._connection_watch.cancel()
         self._llm.shutdown()

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # What the tests and `make run` give every engine on a small CPU machine.
 CPU_ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (independent rank k joins on
+    the router's rpc port + k)."""
+    while True:
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
 
 
 @dataclass
@@ -51,6 +74,11 @@ class ClusterSpec:
     # How to reach a router started with --tls-cert (and a client certificate
     # for --tls-client-ca); None is plaintext.
     credentials: grpc.ChannelCredentials | None = None
+    # Where the router takes the ranks' connections (vLLM's data-parallel RPC).
+    data_parallel_address: str = "127.0.0.1"
+    # Ranks whose server runs in a network namespace (`ip netns exec`), as if
+    # on another host: rank -> namespace name.
+    rank_netns: dict[int, str] = field(default_factory=dict)
 
     def channel(self) -> grpc.Channel:
         """A blocking channel to the router, with the spec's credentials."""
@@ -63,7 +91,7 @@ class ClusterSpec:
         return [
             "--model", self.model,
             "--max-model-len", str(self.max_model_len),
-            "--data-parallel-address", "127.0.0.1",
+            "--data-parallel-address", self.data_parallel_address,
             # Prefix-affinity routing pays off only where vLLM reuses the KV blocks.
             "--enable-prefix-caching",
             *self.engine_flags,
@@ -101,7 +129,7 @@ class LocalCluster:
         self._logs: list[IO[bytes]] = []
 
     def _spawn(
-        self, name: str, args: Sequence[str], env: dict[str, str]
+        self, name: str, args: Sequence[str], env: dict[str, str], prefix: Sequence[str] = ()
     ) -> subprocess.Popen[bytes]:
         out: IO[bytes] | None = None
         if self.spec.log_dir is not None:
@@ -109,7 +137,7 @@ class LocalCluster:
             out = open(self.spec.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
             self._logs.append(out)
         return subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             env={**os.environ, **self.spec.env, **env},
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
@@ -126,7 +154,10 @@ class LocalCluster:
                 "VLLM_CPU_OMP_THREADS_BIND", str(rank % cores)
             ),
         }
-        return self._spawn(name, ["-m", "server", *self.spec.rank_flags(rank)], env)
+        netns = self.spec.rank_netns.get(rank)
+        # `ip netns exec` execs the command: the process is still the rank server.
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        return self._spawn(name, ["-m", "server", *self.spec.rank_flags(rank)], env, prefix)
 
     def start(self) -> None:
         spec = self.spec
@@ -223,6 +254,15 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Stops a process started in its own session, and every process it
+    spawned there: SIGTERM, then SIGKILL after `timeout` or for what remains."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+    _wait(proc, timeout)
+    _signal_group(proc, signal.SIGKILL)
+
+
 def _wait(proc: subprocess.Popen[bytes], timeout: float) -> None:
     try:
         proc.wait(timeout)
@@ -240,6 +280,7 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--topology", choices=("independent", "coupled"), default="independent")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
+    parser.add_argument("--metrics-listen", help="the router's Prometheus endpoint (HOST:PORT)")
     args = parser.parse_args()
     # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -252,6 +293,7 @@ def main() -> int:
             max_model_len=args.max_model_len,
             topology=args.topology,
             restart_on_crash=True,
+            router_flags=["--metrics-listen", args.metrics_listen] if args.metrics_listen else [],
         )
     )
     try:
@@ -264,7 +306,12 @@ def main() -> int:
                 f'  .venv/bin/grpcurl -plaintext -d \'{{"prompt": "The capital of France is", '
                 f'"sampling": {{"max_tokens": 16, "temperature": 0}}}}\' {args.listen} '
                 "dprouter.v1.GenerateService/Generate\n"
-                "Press Ctrl-C to stop.\n",
+                + (
+                    f"Metrics: curl -s http://{args.metrics_listen}/metrics\n"
+                    if args.metrics_listen
+                    else ""
+                )
+                + "Press Ctrl-C to stop.\n",
                 flush=True,
             )
             while all(proc.poll() is None for proc in cluster.processes()):

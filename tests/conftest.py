@@ -4,9 +4,7 @@ router (tiny model), started once and shared by the end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -20,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster
+from server.local_cluster import ClusterSpec, LocalCluster, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama"
@@ -31,28 +29,6 @@ TINY_MAX_MODEL_LEN = 16384
 # Greedy tokens that take the tiny model well over 20 s.
 LONG_TOKENS = 15000
 GRACE_PERIOD_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (independent rank k joins on
-    the router's rpc port + k)."""
-    while True:
-        first = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(first, first + count):
-                    s = held.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return first
 
 
 def tiny_spec(
@@ -104,6 +80,15 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             return list(self._spans)
 
 
+def otlp_env(port: int) -> dict[str, str]:
+    """A router's environment for exporting its spans to the receiver on `port`."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+
+
 @pytest.fixture(scope="session")
 def otlp_receiver() -> Iterator[tuple[OtlpReceiver, int]]:
     receiver = OtlpReceiver()
@@ -118,19 +103,24 @@ def otlp_receiver() -> Iterator[tuple[OtlpReceiver, int]]:
 
 
 @pytest.fixture(scope="session")
+def metrics_url() -> str:
+    """Where the session router serves its Prometheus metrics."""
+    return f"http://127.0.0.1:{free_port()}/metrics"
+
+
+@pytest.fixture(scope="session")
 def cluster(
-    otlp_receiver: tuple[OtlpReceiver, int], tmp_path_factory: pytest.TempPathFactory
+    otlp_receiver: tuple[OtlpReceiver, int],
+    metrics_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LocalCluster]:
     _, otlp_port = otlp_receiver
+    metrics_listen = metrics_url.removeprefix("http://").removesuffix("/metrics")
     spec = tiny_spec(
         "logs",
         tmp_path_factory,
-        router_flags=["--grace-period", str(GRACE_PERIOD_S)],
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
-            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-        },
+        router_flags=["--grace-period", str(GRACE_PERIOD_S), "--metrics-listen", metrics_listen],
+        env=otlp_env(otlp_port),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster
@@ -161,8 +151,9 @@ async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tup
 async def wait_for_idle_engines(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub, timeout: float
 ) -> None:
-    """Waits until every engine reports no waiting or running request (through
-    vLLM's DP coordinator, every 100 ms) and the router has none in flight."""
+    """Waits until every engine reports no waiting or running request and the
+    router has none in flight. An engine reports as it steps; the router's
+    probes make every engine step every second."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)

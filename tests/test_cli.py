@@ -10,8 +10,8 @@ import threading
 import time
 from pathlib import Path
 
-from server.local_cluster import LocalCluster
-from tests.conftest import ROOT, free_port
+from server.local_cluster import LocalCluster, free_port
+from tests.conftest import ROOT
 
 # The installed console script where `pip install -e .` made one, else the module.
 SCRIPT = Path(sys.executable).parent / "dprouter"

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster
-from tests.conftest import SMOLLM2_MODEL, free_port
+from server.local_cluster import ClusterSpec, LocalCluster, free_port
+from tests.conftest import SMOLLM2_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,22 @@
-"""A rank that hangs or dies: detection within 5 s, failover, re-admission.
+"""A rank that hangs, dies or is cut off: detection within 5 s, failover,
+re-admission.
 
 These tests break ranks on purpose, so they run on a cluster of their own
-(independent topology, tiny model), started for this module only.
+(independent topology, tiny model), started for this module only. Its rank 1
+runs in a network namespace of its own, joined to this one by a veth pair,
+as if on another host: cutting that link is a network partition.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -20,8 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import tiny_spec
+from tests.conftest import LONG_TOKENS, OtlpReceiver, otlp_env, tiny_spec
 from tests.test_routing import keys_homed_on, request, route_of, routed
+from tests.test_tracing import ERROR, attributes, wait_for_attempts, wait_for_span
 
 DETECTION_BOUND_S = 5.0
 CUT_BOUND_S = DETECTION_BOUND_S + 5
@@ -29,12 +36,62 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@dataclass(frozen=True)
+class OtherHost:
+    namespace: str
+    router_address: str  # this side of the link, where the ranks connect
+    link: str  # this side's interface: down is a partition
+
+    def set_link(self, up: bool) -> None:
+        ip("link", "set", self.link, "up" if up else "down")
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def other_host() -> Iterator[OtherHost]:
+    """A network namespace joined to this one by a veth pair (needs root)."""
+    tag = f"dpr{os.getpid() % 100000}"
+    host_side, far_side = f"{tag}h", f"{tag}n"
+    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
+    ip("netns", "add", tag)
+    try:
+        ip("link", "add", host_side, "type", "veth", "peer", "name", far_side, "netns", tag)
+        ip("addr", "add", f"{subnet}.1/24", "dev", host_side)
+        ip("link", "set", host_side, "up")
+        for args in (
+            ("addr", "add", f"{subnet}.2/24", "dev", far_side),
+            ("link", "set", far_side, "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            ip("netns", "exec", tag, "ip", *args)
+        yield OtherHost(tag, f"{subnet}.1", host_side)
+    finally:
+        subprocess.run(["ip", "link", "del", host_side], capture_output=True)
+        ip("netns", "del", tag)
+
+
 @pytest.fixture(scope="module")
-def broken_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def far_rank() -> Iterator[OtherHost]:
+    with other_host() as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def broken_cluster(
+    far_rank: OtherHost,
+    tmp_path_factory: pytest.TempPathFactory,
+    otlp_receiver: tuple[OtlpReceiver, int],
+) -> Iterator[LocalCluster]:
     spec = tiny_spec(
         "failover",
         tmp_path_factory,
         router_flags=["--grace-period", "5"],
+        data_parallel_address=far_rank.router_address,
+        rank_netns={1: far_rank.namespace},
+        env=otlp_env(otlp_receiver[1]),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
         yield cluster
@@ -88,9 +145,12 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
 async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmitted(
     broken_cluster: LocalCluster,
     stubs: Stubs,
+    otlp_receiver: tuple[OtlpReceiver, int],
 ) -> None:
     generate, ranks, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
+    # It has answered since it joined: a rank that has not gets more time.
+    await routed(generate, request("first", data_parallel_rank=1))
     keys = keys_homed_on(1, 4)
     server = broken_cluster.ranks[1]
     os.killpg(server.pid, signal.SIGSTOP)  # a hang, not a death
@@ -109,9 +169,23 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
         assert overall.status == SERVING
         async with asyncio.timeout(30):  # none hangs
             results = await asyncio.gather(*retried)
-        for responses, _ in results:
+        retried_traces = 0
+        for responses, metadata in results:
             assert responses[0].data_parallel_rank == 0
             assert responses[-1].usage.completion_tokens == 8
+            # Its trace: a failed attempt on rank 1 (unless the load bound spilled
+            # it to rank 0 at once), then the one that served on rank 0.
+            expected = [(0, False)]
+            if route_of(metadata)[0] == 1:
+                expected.insert(0, (1, True))
+                retried_traces += 1
+            trace_id = bytes.fromhex(metadata["x-trace-id"])
+            attempts = await wait_for_attempts(otlp_receiver[0], trace_id, len(expected))
+            tried = [
+                (attributes(a)["vllm.data_parallel_rank"], a.status.code == ERROR) for a in attempts
+            ]
+            assert tried == expected
+        assert retried_traces >= 1
         listed = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks[1]
         assert listed.state == ranks_pb2.RANK_STATE_UNHEALTHY
         assert listed.failed >= 1
@@ -132,6 +206,7 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
 async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     broken_cluster: LocalCluster,
     stubs: Stubs,
+    otlp_receiver: tuple[OtlpReceiver, int],
 ) -> None:
     generate, _, health = stubs
     await wait_health(health, "rank/1", SERVING, timeout=30)
@@ -168,6 +243,12 @@ async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     assert len(done) == 8, f"{8 - len(done)} streams on the dead rank still hang"
     assert all(task.result() == grpc.StatusCode.UNAVAILABLE for task in done)
     assert cut_after < CUT_BOUND_S
+    # A cut stream's trace: its attempt on the dead rank failed, and the RPC with UNAVAILABLE.
+    trace_id = bytes.fromhex(str(dict(await calls[1].initial_metadata())["x-trace-id"]))
+    (attempt,) = await wait_for_attempts(otlp_receiver[0], trace_id, 1)
+    assert attempt.status.code == ERROR
+    server = await wait_for_span(otlp_receiver[0], lambda s: s.span_id == attempt.parent_span_id)
+    assert attributes(server)["error.type"] == "UNAVAILABLE"
     # The other rank's streams finish whole, and new requests go there.
     assert [await ends[i] for i in range(0, 16, 2)] == [grpc.StatusCode.OK] * 8
     assert [received[i] for i in range(0, 16, 2)] == [1500] * 8
@@ -181,3 +262,41 @@ async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     assert route_of(metadata)[0] == 1
     print(f"streams on the killed rank ended {cut_after:.2f} s after the kill; "
           f"restarted rank rejoined after {rejoined:.1f} s")  # fmt: skip
+
+
+async def test_a_partitioned_rank_is_detected_failed_over_and_readmitted(
+    far_rank: OtherHost,
+    stubs: Stubs,
+) -> None:
+    generate, _, health = stubs
+    await wait_health(health, "rank/1", SERVING, timeout=180)
+    calls = [
+        generate.Generate(request(f"far {i}", max_tokens=LONG_TOKENS, data_parallel_rank=1))
+        for i in range(4)
+    ]
+    for call in calls:
+        assert isinstance(await call.read(), generate_pb2.GenerateResponse)
+    far_rank.set_link(False)
+    try:
+        cut = time.monotonic()
+        await wait_health(health, "rank/1", NOT_SERVING, timeout=DETECTION_BOUND_S + 5)
+        detected_after = time.monotonic() - cut
+        assert detected_after < DETECTION_BOUND_S, detected_after
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(CUT_BOUND_S):
+                    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                        pass
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(ended.value).metadata["rank"] == "1"
+        _, metadata = await routed(generate, request("meanwhile"))
+        assert route_of(metadata)[0] == 0
+    finally:
+        far_rank.set_link(True)
+    healed = time.monotonic()
+    await wait_health(health, "rank/1", SERVING, timeout=20)
+    readmitted = time.monotonic() - healed
+    _, metadata = await routed(generate, request("healed", data_parallel_rank=1))
+    assert route_of(metadata)[0] == 1
+    print(f"partitioned rank detected after {detected_after:.2f} s, "
+          f"re-admitted {readmitted:.2f} s after the link came back")  # fmt: skip

@@ -29,8 +29,9 @@ from router.auth import TOKENS_ENV, load_tokens
 from router.config import TlsConfig, parse_args
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
-from server.local_cluster import LocalCluster
-from tests.conftest import TINY_MODEL, free_port, tiny_spec
+from router.metrics import Metrics
+from server.local_cluster import LocalCluster, free_port
+from tests.conftest import TINY_MODEL, tiny_spec
 
 FILE_TOKEN = "token-from-file"
 ENV_TOKENS = ("env-token-a", "env-token-b")
@@ -249,7 +250,7 @@ async def test_plain_tls_serves_a_client_that_trusts_the_ca(pki: Pki) -> None:
     )  # fmt: skip
     assert config.tls == TlsConfig(pki.path("server.pem"), pki.path("server.key"), None)
     health = RouterHealth()
-    server = build_server(Dispatcher(), health, config)
+    server = build_server(Dispatcher(Metrics()), health, config)
     serve_port(server, config)
     await server.start()
     await health.starting(1)

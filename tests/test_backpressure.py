@@ -1,0 +1,249 @@
+"""Bounded queues and deadline admission, on a cluster of their own whose
+engines run two requests at once and whose ranks hold two more (a bound of
+four requests per rank, eight in all), so the bounds are reached with a few
+requests. The cluster runs the coupled topology (one engine client for both
+ranks), so that the module's last test can kill one of its engines: the
+coupled group must then fail fast instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+import psutil
+import pytest
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
+from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
+from tests.conftest import LONG_TOKENS, tiny_spec, wait_for_idle_engines
+from tests.test_failover import CUT_BOUND_S
+
+RUNNING, QUEUED = 2, 2
+BOUND = RUNNING + QUEUED
+
+
+@pytest.fixture(scope="module")
+def small_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = tiny_spec(
+        "backpressure",
+        tmp_path_factory,
+        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(RUNNING)],
+        router_flags=["--grace-period", "5", "--max-queue-per-rank", str(QUEUED)],
+        topology="coupled",
+    )
+    with LocalCluster(spec).serving(timeout=300) as cluster:
+        yield cluster
+
+
+if TYPE_CHECKING:  # the async stub types exist only in the type stubs
+    Stubs = tuple[
+        generate_pb2_grpc.GenerateServiceAsyncStub,
+        ranks_pb2_grpc.RanksServiceAsyncStub,
+        health_pb2_grpc.HealthStub,
+    ]
+
+
+@pytest.fixture
+async def stubs(small_cluster: LocalCluster) -> AsyncIterator[Stubs]:
+    async with grpc.aio.insecure_channel(small_cluster.spec.listen) as channel:
+        yield (
+            generate_pb2_grpc.GenerateServiceStub(channel),
+            ranks_pb2_grpc.RanksServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+        await wait_for_idle_engines(ranks_pb2_grpc.RanksServiceStub(channel), timeout=30)
+
+
+def request(tokens: int, rank: int | None = None) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        prompt="Count the sheep",
+        data_parallel_rank=rank,
+        sampling=generate_pb2.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+    )
+
+
+def detail(error: grpc.aio.AioRpcError, kind: type[Message]) -> Message:
+    """The error detail of type `kind` in the rich status trailer."""
+    trailers: dict[str, bytes] = dict(error.trailing_metadata() or ())  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    found = kind()
+    assert any(any_detail.Unpack(found) for any_detail in status.details), status
+    return found
+
+
+async def outcome(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError | int:  # type: ignore[type-arg]
+    """The tokens a call streamed, or its error."""
+    tokens = 0
+    try:
+        async for response in call:
+            tokens += len(response.token_ids)
+    except grpc.aio.AioRpcError as e:
+        return e
+    return tokens
+
+
+async def in_flight(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[int]:
+    reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+    return [r.in_flight for r in reply.ranks]
+
+
+async def fill(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
+    rank: int,
+    count: int = BOUND,
+) -> list[grpc.aio.UnaryStreamCall]:  # type: ignore[type-arg]
+    """`count` long requests pinned to `rank`, all counted on it."""
+    calls = [generate.Generate(request(LONG_TOKENS, rank)) for _ in range(count)]
+    for _ in range(200):
+        if (await in_flight(ranks))[rank] == count:
+            return calls
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"rank {rank} never held {count} requests: {await in_flight(ranks)}")
+
+
+async def test_full_ranks_refuse_with_a_retry_delay(stubs: Stubs) -> None:
+    generate, ranks, health = stubs
+    held = await fill(generate, ranks, 0)
+    try:
+        refused = await outcome(generate.Generate(request(4, rank=0)))
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert f"rank 0 holds its limit of {BOUND} requests" in (refused.details() or "")
+        retry = detail(refused, error_details_pb2.RetryInfo)
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+        reason = detail(refused, error_details_pb2.ErrorInfo)
+        assert isinstance(reason, error_details_pb2.ErrorInfo)
+        assert reason.reason == "RANK_QUEUE_FULL"
+
+        # A request free to go anywhere goes to the rank with room.
+        call = generate.Generate(request(4))
+        assert await outcome(call) == 4
+        assert dict(await call.initial_metadata())["x-data-parallel-rank"] == "1"
+
+        held += await fill(generate, ranks, 1)
+        refused = await outcome(generate.Generate(request(4)))
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert "every serving rank holds its limit" in (refused.details() or "")
+        # Full is busy, not broken.
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert await in_flight(ranks) == [BOUND, BOUND]
+    finally:
+        for call in held:
+            call.cancel()
+    await wait_for_idle_engines(ranks, timeout=30)
+    assert await outcome(generate.Generate(request(4))) == 4
+
+
+async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(stubs: Stubs) -> None:
+    generate, ranks, _ = stubs
+    # History for the estimate: what a request takes on rank 0.
+    for _ in range(2):
+        assert await outcome(generate.Generate(request(2000, rank=0))) == 2000
+    # Room for one more, behind two: the engine runs two at a time.
+    held = await fill(generate, ranks, 0, count=BOUND - 1)
+    try:
+        before = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+        start = time.monotonic()
+        refused = await outcome(generate.Generate(request(4, rank=0), timeout=0.5))
+        elapsed = time.monotonic() - start
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.DEADLINE_EXCEEDED, refused
+        # Refused by the router's estimate, not by the deadline running out.
+        assert "ends before the first token can be expected on rank 0" in (
+            refused.details() or ""
+        ), refused
+        assert elapsed < 0.5
+        after = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+        assert after.ranks[0].in_flight == BOUND - 1  # never counted on the rank
+        assert after.ranks[0].cancelled == before.ranks[0].cancelled
+    finally:
+        for call in held:
+            call.cancel()
+
+
+def rss_mb(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
+
+
+async def test_load_at_eight_times_the_bound_loses_nothing(
+    small_cluster: LocalCluster, stubs: Stubs
+) -> None:
+    """64 clients at once against room for 8: each is served or told to come
+    back later, and told when; retrying as told, every one is served."""
+    generate, ranks, _ = stubs
+    router = small_cluster.router
+    assert router is not None
+    refusals: list[float] = []
+
+    async def client(i: int) -> int:
+        for _ in range(200):
+            result = await outcome(generate.Generate(request(16)))
+            if isinstance(result, int):
+                return result
+            assert result.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, result
+            retry = detail(result, error_details_pb2.RetryInfo)
+            assert isinstance(retry, error_details_pb2.RetryInfo)
+            delay = retry.retry_delay.ToTimedelta().total_seconds()
+            refusals.append(delay)
+            await asyncio.sleep(delay)
+        raise AssertionError(f"client {i} was never served")
+
+    sizes = []
+    for _ in range(2):  # the second round: memory does not grow with the load
+        async with asyncio.timeout(180):
+            assert await asyncio.gather(*(client(i) for i in range(64))) == [16] * 64
+        await wait_for_idle_engines(ranks, timeout=30)
+        sizes.append(rss_mb(router.pid))
+    assert refusals, "the load never reached the bound"
+    assert all(0 < delay <= 30 for delay in refusals)
+    assert sizes[1] - sizes[0] < 50, sizes
+
+
+async def test_a_killed_engine_of_the_coupled_group_fails_fast(
+    small_cluster: LocalCluster,
+) -> None:
+    """Last: it breaks the cluster. vLLM's coupled client hangs the requests
+    of a killed engine; the router ends them at once, and the other rank
+    (dense-model ranks do not step together) serves on."""
+    async with grpc.aio.insecure_channel(small_cluster.spec.listen) as channel:
+        generate = generate_pb2_grpc.GenerateServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        doomed = [generate.Generate(request(LONG_TOKENS, rank=1)) for _ in range(2)]
+        spared = [generate.Generate(request(300, rank=0)) for _ in range(2)]
+        for call in [*doomed, *spared]:
+            assert isinstance(await call.read(), generate_pb2.GenerateResponse)
+        small_cluster.engine_process(1).kill()  # kill -9
+        killed = time.monotonic()
+        for call in doomed:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(CUT_BOUND_S):
+                    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                        pass
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+        ended_after = time.monotonic() - killed
+        for call in spared:
+            async with asyncio.timeout(60):
+                while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    pass
+            assert await call.code() == grpc.StatusCode.OK
+        check = health.Check
+        assert (await check(health_pb2.HealthCheckRequest(service="rank/1"))).status == (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        assert (await check(health_pb2.HealthCheckRequest(service=""))).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        call = generate.Generate(request(4))
+        assert await outcome(call) == 4
+        assert dict(await call.initial_metadata())["x-data-parallel-rank"] == "0"
+    print(f"coupled group: the killed rank's streams ended {ended_after:.2f} s after the kill")
