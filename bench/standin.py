@@ -69,7 +69,7 @@ class StandInRank:
     async def abort(self, request_id: str, rank: int) -> None:
         pass
 
-    async def probe(self, rank: int) -> None:
+    async def probe(self, rank: int, step: bool) -> None:
         pass
 
     def last_heard(self, rank: int) -> float:

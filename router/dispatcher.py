@@ -410,10 +410,17 @@ class Dispatcher:
         self._reserve(job)
 
     def _abort_in_background(self, job: Job) -> None:
-        """Ends the job in its engine and counts it cancelled at once, even
-        while its consumer is stuck (a send to a gone client)."""
+        """At the deadline: ends the job in its engine and counts it cancelled
+        at once, even while its consumer is stuck (a send to a gone client).
+        A consumer waiting on the engine is interrupted too, as gRPC's own
+        cancel would: an abort sent before vLLM has registered the request
+        (its `add_request` awaits; seconds on a busy host) finds nothing, and
+        the request would run to its end."""
         assert self.pool is not None
         self.release(job, Outcome.CANCELLED)
+        streaming = self._streaming.get(job.engine_request_id)
+        if streaming is not None and streaming.in_engine:
+            streaming.task.cancel("deadline exceeded")
         task = asyncio.ensure_future(self.pool.abort(job.engine_request_id, job.rank))
         self._aborts.add(task)  # keep a reference until it is done
         task.add_done_callback(self._aborts.discard)

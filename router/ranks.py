@@ -50,8 +50,9 @@ class RankPool(Protocol):
 
     async def abort(self, request_id: str, rank: int) -> None: ...
 
-    async def probe(self, rank: int) -> None:
-        """Returns once the rank's engine has run one token; hangs if it cannot."""
+    async def probe(self, rank: int, step: bool) -> None:
+        """Returns once the rank's engine has answered (with `step`, run one
+        token and reported its counts); hangs if it cannot."""
         ...
 
     def last_heard(self, rank: int) -> float:
@@ -119,8 +120,8 @@ class CoupledRanks:
     async def abort(self, request_id: str, rank: int) -> None:
         await self._client.abort(request_id)
 
-    async def probe(self, rank: int) -> None:
-        await self._client.probe(rank)
+    async def probe(self, rank: int, step: bool) -> None:
+        await self._client.probe(rank, step)
 
     def last_heard(self, rank: int) -> float:
         return self._client.last_heard()[rank]
@@ -196,8 +197,8 @@ class IndependentRanks:
         if client is not None:
             await client.abort(request_id)
 
-    async def probe(self, rank: int) -> None:
-        await self._client(rank).probe(None)
+    async def probe(self, rank: int, step: bool) -> None:
+        await self._client(rank).probe(None, step)
 
     def last_heard(self, rank: int) -> float:
         client = self._clients[rank]

@@ -330,17 +330,25 @@ class EngineClient:
         finally:
             monitor.close(linger=0)
 
-    async def probe(self, rank: int | None) -> None:
-        """Runs one greedy token on the rank's engine: the proof that it is
-        alive and steps, and a fresh report of its counts (an engine reports
-        only when it steps). A utility call would leave an idle engine's
-        worker asleep instead of busy-waiting (vLLM's shared-memory queue
-        spins for a second after each message, so probes every second keep
-        it spinning on a core), but a worker woken from that sleep took 3-4 s
-        to take up the next request here, and the watchdog then failed a
-        healthy rank."""
+    async def probe(self, rank: int | None, step: bool) -> None:
+        """Returns once the rank's engine has answered.
+
+        With `step`, the engine runs one greedy token: the proof that it
+        steps, and a fresh report of its counts (an engine reports only when
+        it steps, so counts go stale when its last requests are aborted).
+        Without, its loop answers a utility call between two steps and its
+        worker is not woken: vLLM's shared-memory queue busy-waits for a
+        second after each message, and a token every second kept each idle
+        rank's worker spinning on a core (on 2 cores, the whole test suite
+        then starved and healthy ranks missed their probes). A worker woken
+        from idle took 30-95 ms to answer its next request on an idle host."""
         if self._connection_watch is None:  # the first probe runs on the event loop
             self._connection_watch = asyncio.ensure_future(self._watch_connection())
+        if not step:
+            core = self._llm.engine_core
+            engine = core.core_engines[rank or 0]
+            await core._call_utility_async("is_sleeping", engine=engine)
+            return
         self._probes += 1
         params = SamplingParams(
             max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY

@@ -2,14 +2,15 @@
 
 vLLM's engine client does not notice an engine process that died or stopped:
 requests to it hang with no error (measured on vLLM 0.32). So the router
-runs one greedy token on every rank every `interval` seconds, and watches
-each engine's connection: a dropped one (a killed engine) fails the rank at
-once. Otherwise a rank that has neither answered a probe nor sent output
-for any request within `timeout` is unhealthy: it gets no new requests, its Health name turns
-NOT_SERVING, and its running requests are ended at once (the dispatcher
-retries elsewhere those that had produced nothing, and ends the others with
-UNAVAILABLE). Probing goes on, and a rank that answers again
-(a stopped process continued) serves again. An independent rank that stays
+probes every rank every `interval` seconds (one greedy token while it has
+requests, a light call while it is idle), and watches each engine's
+connection: a dropped one (a killed engine) fails the rank at once.
+Otherwise a rank that has neither answered a probe nor sent output for any
+request within `timeout` is unhealthy: it gets no new requests, its Health
+name turns NOT_SERVING, and its running requests are ended at once (the
+dispatcher retries elsewhere those that had produced nothing, and ends the
+others with UNAVAILABLE). Probing goes on, and a rank that answers again (a
+stopped process continued) serves again. An independent rank that stays
 unhealthy for `replace_after` seconds is presumed dead and gets a new engine
 client that waits for its rank server to come back.
 """
@@ -29,9 +30,12 @@ PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 3.0
 # How often each rank's state is decided.
 TICK_S = 0.25
-# A tick this late means the router itself was not running (whole-machine
-# stalls of 7-8 s were seen on 2-core hosts).
-STALL_S = 1.0
+# Silence is counted in the router's own running time: a tick counts for at
+# most this much, however late it comes. While the router itself does not
+# run (a host starved of CPU: 20-40 runnable threads on 2 cores were seen
+# while an engine restarted), the engines it does not hear from are no
+# evidence against them.
+MAX_TICK_S = 2 * TICK_S
 # A rank that has just joined has this many timeouts to give its first answer.
 JOIN_GRACE_TIMEOUTS = 3
 # Long enough that a rank that is only slow (a host starved of CPU) is not
@@ -62,12 +66,18 @@ class Watchdog:
         await asyncio.gather(*(self._watch(rank) for rank in range(ranks)))
 
     async def _probe(self, rank: int) -> float | None:
-        """When the rank answered a one-token request; None if it did not
-        within the timeout (the request is then aborted)."""
+        """When the rank answered; None if it did not within the timeout.
+
+        A rank with requests (in the router's count, or as its engine last
+        reported) runs one token: proof that it steps, and a fresh report of
+        counts left stale by aborted requests. An idle rank gets a light call
+        that does not wake its worker (see `EngineClient.probe`)."""
         pool = self._dispatcher.pool
         assert pool is not None
+        load = self._dispatcher.loads()[rank]
+        step = bool(load.in_flight or load.waiting or load.running)
         try:
-            await asyncio.wait_for(pool.probe(rank), self._timeout)
+            await asyncio.wait_for(pool.probe(rank, step), self._timeout)
         except Exception:  # no answer in time, or the probe failed
             return None
         return time.monotonic()
@@ -82,11 +92,12 @@ class Watchdog:
         answered_at = 0.0  # when a probe last answered
         answered_sent = 0.0  # when that probe was sent
         failed_at = 0.0  # when the rank was last found unhealthy
-        # A rank is not failed without evidence: until it has answered once
-        # since it joined (first answers took 3-7 s on a busy 2-core host),
-        # for up to JOIN_GRACE_TIMEOUTS timeouts, and until `grace_until`
-        # after a stall of the router.
-        joined_at = grace_until = stalled_at = time.monotonic()
+        # The router's running time (see MAX_TICK_S), at the last sign of
+        # life and at the (re)join: a rank that has not answered since it
+        # joined (first answers took 3-7 s on a busy 2-core host) is not
+        # failed for JOIN_GRACE_TIMEOUTS timeouts.
+        awake = awake_at_sign = awake_at_join = 0.0
+        last_sign = 0.0  # wall time of the last sign seen
         unhealthy_since: float | None = None
         probe: asyncio.Future[float | None] | None = None
         probe_started = 0.0
@@ -94,11 +105,8 @@ class Watchdog:
         tick = time.monotonic()
         while True:
             now = time.monotonic()
-            if now - tick > TICK_S + STALL_S:
-                # The router itself did not run (a whole-machine stall): what
-                # it did not see is no evidence against the rank.
-                grace_until = max(grace_until, now + self._timeout)
-                stalled_at = now
+            step = min(now - tick, MAX_TICK_S)
+            awake += step
             tick = now
             if probe is not None and probe.done():
                 if (answer := probe.result()) is not None:
@@ -109,26 +117,25 @@ class Watchdog:
             healthy = ledger.healthy(rank)
             if healthy and not was_healthy:  # it joined (or rejoined with a new client)
                 # Answers to the old client are no sign of the new one.
-                joined_at, answered_at, unhealthy_since = now, 0.0, None
-            last_sign = max(answered_at, pool.last_heard(rank))
+                answered_at, unhealthy_since, awake_at_join = 0.0, None, awake
+            sign = max(answered_at, pool.last_heard(rank))
+            if sign > last_sign:
+                last_sign, awake_at_sign = sign, awake - min(now - sign, step)
+            silent = awake - max(awake_at_sign, awake_at_join)
             # A dropped connection (a killed engine) is evidence: no grace.
-            dropped = pool.dropped_at(rank) > last_sign
-            answered = last_sign > now - self._timeout and not dropped
-            # The engine client has never heard from its engine (a new
-            # client's `last_heard` starts at 0).
-            first_answer_due = not last_sign and (
-                now < joined_at + JOIN_GRACE_TIMEOUTS * self._timeout
+            dropped = pool.dropped_at(rank) > sign
+            answered = silent < self._timeout and not dropped
+            first_answer_due = not sign and (
+                awake - awake_at_join < JOIN_GRACE_TIMEOUTS * self._timeout
             )
             # Back only on a probe sent after the failure: outputs the router
             # reads late (it was busy) may have left the engine before.
-            if answered and not healthy and answered_sent >= failed_at:
+            if answered and sign and not healthy and answered_sent >= failed_at:
                 ledger.set_healthy(rank, True)
                 unhealthy_since = None
                 log.info("rank healthy again", extra={"rank": rank})
                 await self._on_change()
-            elif healthy and (
-                dropped or (now > grace_until and not first_answer_due and not answered)
-            ):
+            elif healthy and (dropped or not (answered or first_answer_due)):
                 ledger.set_healthy(rank, False)
                 unhealthy_since = failed_at = now
                 log.warning(
@@ -138,10 +145,10 @@ class Watchdog:
                     extra={
                         "rank": rank,
                         "timeout_s": self._timeout,
-                        "last_answer_s_ago": round(now - answered_at, 3),
+                        "silent_s": round(silent, 3),  # in the router's running time
+                        "last_answer_s_ago": round(now - answered_at, 3) if answered_at else None,
                         "last_output_s_ago": round(now - pool.last_heard(rank), 3),
                         "probe_running_s": round(now - probe_started, 3) if probe else None,
-                        "router_stall_s_ago": round(now - stalled_at, 3),
                     },
                 )
                 await self._fail_requests(rank)

@@ -152,8 +152,8 @@ async def wait_for_idle_engines(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub, timeout: float
 ) -> None:
     """Waits until every engine reports no waiting or running request and the
-    router has none in flight. An engine reports as it steps; the router's
-    probes make every engine step every second."""
+    router has none in flight. An engine reports as it steps; while its last
+    report shows requests, the router's probes make it step every second."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         counts = await engine_counts(ranks)

@@ -170,7 +170,9 @@ async def test_drain_and_resume_a_rank(
     health = health_pb2_grpc.HealthStub(channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service="rank/1"))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-    running = generate.Generate(request("drain me", max_tokens=300, data_parallel_rank=1))
+    # Long enough (5-10 s here) to be running still when the drain is done:
+    # 300 tokens had all streamed before the drain on a fast run.
+    running = generate.Generate(request("drain me", max_tokens=2000, data_parallel_rank=1))
     first = await running.read()
     assert isinstance(first, generate_pb2.GenerateResponse)
     try:
@@ -201,7 +203,7 @@ async def test_drain_and_resume_a_rank(
             assert isinstance(response, generate_pb2.GenerateResponse)
             rest.append(response)
         assert rest[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
-        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 300
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 2000
         listed = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks[1]
         assert (listed.state, listed.in_flight) == (ranks_pb2.RANK_STATE_DRAINING, 0)
     finally:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, ClassVar
@@ -19,7 +20,6 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import LONG_TOKENS, ROOT, OtlpReceiver
 
 GENERATE = "dprouter.v1.GenerateService/Generate"
@@ -357,11 +357,18 @@ def test_otlp_over_http_follows_the_standard_variables(
 
 
 async def test_watchdog_probes_leave_no_traces(
-    cluster: LocalCluster, otlp_receiver: tuple[OtlpReceiver, int]
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub, otlp_receiver: tuple[OtlpReceiver, int]
 ) -> None:
-    """The watchdog runs a one-token request on every rank every second;
-    vLLM would make each a trace of its own (an `llm_request` root)."""
+    """While a rank has a request, the watchdog runs a one-token probe on it
+    every second; vLLM would make each a trace of its own (an `llm_request`
+    root)."""
     receiver, _ = otlp_receiver
-    await asyncio.sleep(3)  # three rounds of probes, at least, exported by now
+    call = generate.Generate(request("keep rank 1 busy", LONG_TOKENS, data_parallel_rank=1))
+    busy_until = time.monotonic() + 3  # three rounds of probes, at least
+    async for _ in call:
+        if time.monotonic() > busy_until:
+            break
+    call.cancel()
+    await asyncio.sleep(2)  # exported by now
     roots = [s for s in receiver.spans() if s.name == "llm_request" and not s.parent_span_id]
     assert roots == []
