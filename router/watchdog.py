@@ -36,9 +36,10 @@ TICK_S = 0.25
 # while an engine restarted), the engines it does not hear from are no
 # evidence against them.
 MAX_TICK_S = 2 * TICK_S
-# With the coupled topology a dropped connection does not say whose it was:
-# a rank that shows a sign of life this soon after the drop is not failed
-# (the live rank's next output came 3 ms too late for a tick in CI).
+# Where the ranks share a connection (the coupled topology) a drop does not
+# say whose it was: a rank that shows a sign of life this soon after the drop
+# is not failed (a live rank's next output came 3 ms after the drop in CI).
+# An independent rank's drop is its own and fails it at once.
 DROP_WAIT_S = 1.0
 # A rank that has just joined has this many timeouts to give its first answer.
 JOIN_GRACE_TIMEOUTS = 3
@@ -126,10 +127,10 @@ class Watchdog:
             if sign > last_sign:
                 last_sign, awake_at_sign = sign, awake - min(now - sign, step)
             silent = awake - max(awake_at_sign, awake_at_join)
-            # A dropped connection (a killed engine) is evidence, unless the
-            # rank answers within DROP_WAIT_S.
+            # A dropped connection (a killed engine) is evidence.
             dropped_at = pool.dropped_at(rank)
-            dropped = dropped_at > sign and now - dropped_at >= DROP_WAIT_S
+            wait = DROP_WAIT_S if pool.shared_connection else 0.0
+            dropped = dropped_at > sign and now - dropped_at >= wait
             answered = silent < self._timeout and not dropped
             first_answer_due = not sign and (
                 awake - awake_at_join < JOIN_GRACE_TIMEOUTS * self._timeout
