@@ -78,10 +78,6 @@ class StandInRank:
     def dropped_at(self, rank: int) -> float:
         return 0.0
 
-    @property
-    def shared_connection(self) -> bool:
-        return False
-
     async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
         pass
 

@@ -65,12 +65,6 @@ class RankPool(Protocol):
         last dropped its connection (`time.monotonic()`; 0.0 if never)."""
         ...
 
-    @property
-    def shared_connection(self) -> bool:
-        """True where the ranks share one connection (the coupled topology):
-        a drop then does not say whose engine it was."""
-        ...
-
     async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
         """Ends these requests of a failed rank with EngineDeadError. With
         the coupled topology the other ranks go on if they can: vLLM's
@@ -134,10 +128,6 @@ class CoupledRanks:
 
     def dropped_at(self, rank: int) -> float:
         return self._client.dropped_at()
-
-    @property
-    def shared_connection(self) -> bool:
-        return True
 
     async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
         await self._client.fail(request_ids)
@@ -217,10 +207,6 @@ class IndependentRanks:
     def dropped_at(self, rank: int) -> float:
         client = self._clients[rank]
         return client.dropped_at() if client is not None else 0.0
-
-    @property
-    def shared_connection(self) -> bool:
-        return False
 
     async def fail(self, rank: int, request_ids: Sequence[str]) -> None:
         await self._client(rank).fail(request_ids)

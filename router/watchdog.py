@@ -36,11 +36,6 @@ TICK_S = 0.25
 # while an engine restarted), the engines it does not hear from are no
 # evidence against them.
 MAX_TICK_S = 2 * TICK_S
-# Where the ranks share a connection (the coupled topology) a drop does not
-# say whose it was: a rank that shows a sign of life this soon after the drop
-# is not failed (a live rank's next output came 3 ms after the drop in CI).
-# An independent rank's drop is its own and fails it at once.
-DROP_WAIT_S = 1.0
 # A rank that has just joined has this many timeouts to give its first answer.
 JOIN_GRACE_TIMEOUTS = 3
 # Long enough that a rank that is only slow (a host starved of CPU) is not
@@ -128,9 +123,7 @@ class Watchdog:
                 last_sign, awake_at_sign = sign, awake - min(now - sign, step)
             silent = awake - max(awake_at_sign, awake_at_join)
             # A dropped connection (a killed engine) is evidence.
-            dropped_at = pool.dropped_at(rank)
-            wait = DROP_WAIT_S if pool.shared_connection else 0.0
-            dropped = dropped_at > sign and now - dropped_at >= wait
+            dropped = pool.dropped_at(rank) > sign
             answered = silent < self._timeout and not dropped
             first_answer_due = not sign and (
                 awake - awake_at_join < JOIN_GRACE_TIMEOUTS * self._timeout

@@ -63,7 +63,10 @@ async def test_deadline_aborts_the_engine_request(
     await wait_for_idle_engines(ranks, timeout=10)
     before = await cancelled(ranks, 1)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for _ in generate.Generate(long_request(1), timeout=1.0):
+        # 3 s, not 1: admission refuses at once a deadline shorter than the
+        # rank's expected time to first token (over 1 s after earlier tests
+        # on a loaded host, and the request then never reached the engine).
+        async for _ in generate.Generate(long_request(1), timeout=3.0):
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await wait_for_idle_engines(ranks, timeout=ABORT_BOUND_S)
