@@ -23,6 +23,7 @@ from vllm.entrypoints.cli.serve import run_headless
 from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
+from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -93,6 +94,20 @@ def run_rank_server(args: argparse.Namespace) -> None:
     # 0.32's ParallelConfig): without it, a rank on another host would
     # knock on its own 127.0.0.1.
     os.environ["VLLM_DP_MASTER_IP"] = args.data_parallel_address
+    if (
+        current_platform.is_cpu()
+        and args.distributed_executor_backend is None
+        and args.tensor_parallel_size * args.pipeline_parallel_size == 1
+    ):
+        # The model runs in the engine process. vLLM's CPU platform would
+        # put it in a worker process that trades every step with the engine
+        # through shared memory, both sides spinning on sched_yield: on
+        # 2-core VMs that pair froze every other process (shells and timers
+        # included) for 3-50 s at a time, in 20 of 24 trials of 1 s-deadline
+        # requests; with one process per rank, in none of 6. The platform
+        # forces the worker process unless multiprocessing is off.
+        args.distributed_executor_backend = "uni"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     run_headless(args)
 
 

@@ -148,10 +148,10 @@ class LocalCluster:
         cores = os.cpu_count() or 1
         env = {
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            # One core per rank where the machine has them (vLLM's CPU
-            # backend otherwise puts every rank's worker on the same cores).
-            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get(
-                "VLLM_CPU_OMP_THREADS_BIND", str(rank % cores)
+            # The ranks share this host's cores (a CPU rank runs its model in
+            # its engine process, which would otherwise take a thread per core).
+            "OMP_NUM_THREADS": os.environ.get(
+                "OMP_NUM_THREADS", str(max(1, cores // self.spec.ranks))
             ),
         }
         netns = self.spec.rank_netns.get(rank)
