@@ -2,7 +2,8 @@
 
 Creating a vLLM engine client blocks until its ranks have done their
 handshake, so every client is made in a daemon thread (a rank that never
-joins must not keep the router alive). With the coupled topology one client
+joins must not keep the router alive); then its ranks are warmed up before
+they serve. With the coupled topology one client
 joins all ranks at once. With independent ranks each rank has its own client
 on its own port (the base `--data-parallel-rpc-port` + the rank): the router
 serves as soon as one rank has joined, and a rank that failed is given a new
@@ -12,7 +13,9 @@ a restarted engine stays stuck: measured).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -30,19 +33,34 @@ log = logging.getLogger("dprouter")
 T = TypeVar("T")
 
 
+async def start_client(engine_args: argparse.Namespace) -> EngineClient:
+    """A client whose ranks have joined and been warmed up (`EngineClient.warm_up`)."""
+    client = await in_daemon_thread(lambda: EngineClient.start(engine_args))
+    try:
+        await client.warm_up()
+    except BaseException:
+        client.shutdown()
+        raise
+    return client
+
+
 def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
     """Runs a blocking call off the event loop in a thread that never keeps the
     process alive."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.cancelled():  # else the router stopped waiting
+            outcome()
+
     def run() -> None:
         try:
             result = fn()
         except BaseException as e:
-            loop.call_soon_threadsafe(future.set_exception, e)
+            loop.call_soon_threadsafe(settle, functools.partial(future.set_exception, e))
         else:
-            loop.call_soon_threadsafe(future.set_result, result)
+            loop.call_soon_threadsafe(settle, functools.partial(future.set_result, result))
 
     threading.Thread(target=run, name="join-ranks", daemon=True).start()
     return future
@@ -68,10 +86,12 @@ class Membership:
             for rank in range(self._ranks):
                 self._join(rank)
         else:
-            joining = in_daemon_thread(lambda: EngineClient.start(self._config.engine_args))
+            joining = asyncio.ensure_future(start_client(self._config.engine_args))
             joining.add_done_callback(self._coupled_joined)
 
     def _coupled_joined(self, joining: asyncio.Future[EngineClient]) -> None:
+        if joining.cancelled():  # the router is stopping
+            return
         if (error := joining.exception()) is not None:
             self.first_join.set_exception(error)
             return
@@ -90,12 +110,14 @@ class Membership:
         port = self._config.engine_args.data_parallel_rpc_port + rank
         args = rank_group_args(self._config.engine_args, port)
         log.info("waiting for a rank to join", extra={"rank": rank, "port": port})
-        joining = in_daemon_thread(lambda: EngineClient.start(args))
+        joining = asyncio.ensure_future(start_client(args))
         self._joining[rank] = joining
         joining.add_done_callback(lambda done: self._joined(rank, done))
 
     def _joined(self, rank: int, joining: asyncio.Future[EngineClient]) -> None:
         self._joining.pop(rank, None)
+        if joining.cancelled():  # the router is stopping
+            return
         if (error := joining.exception()) is not None:
             log.error("rank could not join", extra={"rank": rank}, exc_info=error)
             if not self.first_join.done() and not self._joining:

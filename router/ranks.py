@@ -31,6 +31,9 @@ class RankPool(Protocol):
     limits: ModelLimits
     block_size: int  # tokens per KV block, the unit of vLLM's prefix cache
     capacity: int  # requests one rank's engine runs at once (max_num_seqs)
+    # True where the ranks' engines share one connection to the router, so
+    # that a drop does not say whose engine it was (the coupled topology).
+    shared_connection: bool
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -97,6 +100,7 @@ class CoupledRanks:
         self.limits = _limits(client, client.data_parallel_size)
         self.block_size = client.block_size
         self.capacity = client.max_num_seqs
+        self.shared_connection = True
 
     def encode(self, text: str) -> list[int]:
         return self._client.encode(text)
@@ -153,6 +157,7 @@ class IndependentRanks:
         self.limits = _limits(client, ranks)
         self.block_size = client.block_size
         self.capacity = client.max_num_seqs
+        self.shared_connection = False
 
     def join(self, rank: int, client: EngineClient) -> None:
         """Adds a rank's client; it must serve the same model as the others."""

@@ -351,12 +351,10 @@ class EngineClient:
         With `step`, the engine runs one greedy token: the proof that it
         steps, and a fresh report of its counts (an engine reports only when
         it steps, so counts go stale when its last requests are aborted).
-        Without, its loop answers a utility call between two steps and its
-        worker is not woken: vLLM's shared-memory queue busy-waits for a
-        second after each message, and a token every second kept each idle
-        rank's worker spinning on a core (on 2 cores, the whole test suite
-        then starved and healthy ranks missed their probes). A worker woken
-        from idle took 30-95 ms to answer its next request on an idle host."""
+        Without, its loop answers a utility call between two steps and the
+        model does not run: where the model runs in a worker process, vLLM's
+        shared-memory queue busy-waits for a second after each message, and
+        a token every second kept each idle rank's worker spinning on a core."""
         if self._connection_watch is None:  # the first probe runs on the event loop
             self._connection_watch = asyncio.ensure_future(self._watch_connection())
         if not step:
@@ -364,18 +362,33 @@ class EngineClient:
             engine = core.core_engines[rank or 0]
             await core._call_utility_async("is_sleeping", engine=engine)
             return
+        await self._one_token("probe", rank, temperature=0.0)
+
+    async def _one_token(self, purpose: str, rank: int | None, **sampling: Any) -> None:
+        """Runs one token of the router's own (untraced) on `rank`."""
         self._probes += 1
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY
-        )
+        params = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY, **sampling)
         async for _ in self._llm.generate(
             tokens_input([0]),
             params,
-            f"probe-{rank}-{self._probes}",
+            f"{purpose}-{rank}-{self._probes}",
             data_parallel_rank=rank,
             trace_headers=self._probe_trace_headers,
         ):
             pass
+
+    async def warm_up(self) -> None:
+        """Runs one short sampled request with logprobs on every engine of
+        this client, before it serves: vLLM compiles its logprobs kernel
+        (torch.compile) at first use, a step of 3.1 s on a 2-core host that
+        the watchdog took for a hang (in CI, and for a request pinned to the
+        rank, a failure) and that the first such request would wait out."""
+        await asyncio.gather(
+            *(
+                self._one_token("warm-up", rank, temperature=1.0, logprobs=1)
+                for rank in range(self.data_parallel_size)
+            )
+        )
 
     async def fail(self, request_ids: Sequence[str]) -> None:
         """Ends these requests (our ids) with EngineDeadError, as vLLM does

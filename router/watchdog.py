@@ -4,7 +4,10 @@ vLLM's engine client does not notice an engine process that died or stopped:
 requests to it hang with no error (measured on vLLM 0.32). So the router
 probes every rank every `interval` seconds (one greedy token while it has
 requests, a light call while it is idle), and watches each engine's
-connection: a dropped one (a killed engine) fails the rank at once.
+connection: a dropped one (a killed engine) fails the rank at once. Where
+the ranks share one connection (coupled), a drop does not say whose engine
+it was: each rank gets a light probe at once, and the ranks that do not
+answer it within `DROP_CHECK_S` are failed.
 Otherwise a rank that has neither answered a probe nor sent output for any
 request within `timeout` is unhealthy: it gets no new requests, its Health
 name turns NOT_SERVING, and its running requests are ended at once (the
@@ -36,6 +39,10 @@ TICK_S = 0.25
 # while an engine restarted), the engines it does not hear from are no
 # evidence against them.
 MAX_TICK_S = 2 * TICK_S
+# How long (router running time) a rank of a shared connection that dropped
+# has to answer a probe sent after the drop. A live engine answers between
+# two steps (milliseconds); a killed one never does.
+DROP_CHECK_S = 1.5
 # A rank that has just joined has this many timeouts to give its first answer.
 JOIN_GRACE_TIMEOUTS = 3
 # Long enough that a rank that is only slow (a host starved of CPU) is not
@@ -65,17 +72,20 @@ class Watchdog:
         ranks = self._dispatcher.ledger.ranks
         await asyncio.gather(*(self._watch(rank) for rank in range(ranks)))
 
-    async def _probe(self, rank: int) -> float | None:
+    def _busy(self, rank: int) -> bool:
+        """Whether the rank has requests, in the router's count or as its
+        engine last reported (counts left stale by aborted requests too)."""
+        load = self._dispatcher.loads()[rank]
+        return bool(load.in_flight or load.waiting or load.running)
+
+    async def _probe(self, rank: int, step: bool) -> float | None:
         """When the rank answered; None if it did not within the timeout.
 
-        A rank with requests (in the router's count, or as its engine last
-        reported) runs one token: proof that it steps, and a fresh report of
-        counts left stale by aborted requests. An idle rank gets a light call
-        that does not wake its worker (see `EngineClient.probe`)."""
+        With `step` (a busy rank) it runs one token: proof that it steps, and
+        a fresh report of its counts. Otherwise it gets a light call that does
+        not run the model (see `EngineClient.probe`)."""
         pool = self._dispatcher.pool
         assert pool is not None
-        load = self._dispatcher.loads()[rank]
-        step = bool(load.in_flight or load.waiting or load.running)
         try:
             await asyncio.wait_for(pool.probe(rank, step), self._timeout)
         except Exception:  # no answer in time, or the probe failed
@@ -91,6 +101,10 @@ class Watchdog:
         assert pool is not None
         answered_at = 0.0  # when a probe last answered
         answered_sent = 0.0  # when that probe was sent
+        drop_seen = 0.0  # pool.dropped_at at the last tick
+        awake_at_drop = 0.0  # the router's running time when it was seen
+        drop_check: asyncio.Future[float | None] | None = None
+        drop_check_sent = 0.0
         failed_at = 0.0  # when the rank was last found unhealthy
         # The router's running time (see MAX_TICK_S), at the last sign of
         # life and at the (re)join: a rank that has not answered since it
@@ -108,12 +122,23 @@ class Watchdog:
             step = min(now - tick, MAX_TICK_S)
             awake += step
             tick = now
+            for future, sent in ((probe, probe_started), (drop_check, drop_check_sent)):
+                answer = future.result() if future is not None and future.done() else None
+                # Probes overlap: keep the latest sent that answered.
+                if answer is not None and sent >= answered_sent:
+                    answered_at, answered_sent = answer, sent
             if probe is not None and probe.done():
-                if (answer := probe.result()) is not None:
-                    answered_at, answered_sent = answer, probe_started
                 probe = None
+            if drop_check is not None and drop_check.done():
+                drop_check = None
             if probe is None and now - probe_started >= self._interval:
-                probe, probe_started = asyncio.ensure_future(self._probe(rank)), now
+                probe = asyncio.ensure_future(self._probe(rank, self._busy(rank)))
+                probe_started = now
+            if (drop := pool.dropped_at(rank)) != drop_seen:  # a drop, or a new client
+                drop_seen, awake_at_drop = drop, awake
+                if drop and pool.shared_connection and drop_check is None:
+                    drop_check = asyncio.ensure_future(self._probe(rank, False))
+                    drop_check_sent = now
             healthy = ledger.healthy(rank)
             if healthy and not was_healthy:  # it joined (or rejoined with a new client)
                 # Answers to the old client are no sign of the new one.
@@ -122,8 +147,12 @@ class Watchdog:
             if sign > last_sign:
                 last_sign, awake_at_sign = sign, awake - min(now - sign, step)
             silent = awake - max(awake_at_sign, awake_at_join)
-            # A dropped connection (a killed engine) is evidence.
-            dropped = pool.dropped_at(rank) > sign
+            # A dropped connection (a killed engine) is evidence: a rank's own
+            # at once; a shared one's if no probe sent after it has answered.
+            if pool.shared_connection:
+                dropped = drop > answered_sent and awake - awake_at_drop >= DROP_CHECK_S
+            else:
+                dropped = drop > sign
             answered = silent < self._timeout and not dropped
             first_answer_due = not sign and (
                 awake - awake_at_join < JOIN_GRACE_TIMEOUTS * self._timeout
