@@ -26,10 +26,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
 from server.local_cluster import (
     CPU_ENGINE_FLAGS,
     ClusterSpec,
     LocalCluster,
+    cpu_engine_env,
     free_port,
     free_ports,
     stop_group,
@@ -57,14 +59,11 @@ class Deployment:
         return [
             "--model", self.model, "--max-model-len", str(self.max_model_len),
             "--enable-prefix-caching", *CPU_ENGINE_FLAGS, "-dp", str(self.ranks),
+            *ONE_PROCESS_ENGINE_FLAGS,  # the engine layout of dprouter's CPU ranks
         ]  # fmt: skip
 
     def engine_env(self) -> dict[str, str]:
-        cores = os.cpu_count() or 1
-        return {
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(r % cores) for r in range(self.ranks)),
-        }
+        return {**cpu_engine_env(self.ranks), **ONE_PROCESS_ENGINE_ENV}
 
 
 @dataclass(frozen=True)

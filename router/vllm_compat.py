@@ -77,6 +77,19 @@ def new_flexible_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# A CPU engine with one device runs its model in the engine process with
+# these flags, and this environment in the process that configures it (vLLM's
+# CPU platform otherwise forces a worker process). That worker trades every
+# step with the engine through shared memory, both sides spinning on
+# sched_yield: on 2-core VMs the pair froze every other process (shells and
+# timers included) for 3-50 s at a time, in 20 of 24 trials of 1-3 s deadline
+# requests; with one process per rank, in none of 6. Rank servers use it by
+# default (`run_rank_server`); the benchmarks give vLLM's servers the same.
+ONE_PROCESS_EXECUTOR = "uni"
+ONE_PROCESS_ENGINE_FLAGS = ["--distributed-executor-backend", ONE_PROCESS_EXECUTOR]
+ONE_PROCESS_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
 def make_rank_server_parser(description: str) -> argparse.ArgumentParser:
     """vLLM's own `serve` parser, so rank servers take exactly its flags."""
     parser: argparse.ArgumentParser = make_arg_parser(
@@ -99,15 +112,8 @@ def run_rank_server(args: argparse.Namespace) -> None:
         and args.distributed_executor_backend is None
         and args.tensor_parallel_size * args.pipeline_parallel_size == 1
     ):
-        # The model runs in the engine process. vLLM's CPU platform would
-        # put it in a worker process that trades every step with the engine
-        # through shared memory, both sides spinning on sched_yield: on
-        # 2-core VMs that pair froze every other process (shells and timers
-        # included) for 3-50 s at a time, in 20 of 24 trials of 1 s-deadline
-        # requests; with one process per rank, in none of 6. The platform
-        # forces the worker process unless multiprocessing is off.
-        args.distributed_executor_backend = "uni"
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        args.distributed_executor_backend = ONE_PROCESS_EXECUTOR
+        os.environ.update(ONE_PROCESS_ENGINE_ENV)
     run_headless(args)
 
 

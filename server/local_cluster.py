@@ -53,6 +53,17 @@ def free_ports(count: int) -> int:
         return first
 
 
+def cpu_engine_env(ranks: int) -> dict[str, str]:
+    """The environment of `ranks` CPU engines that share this host: 1 GiB of
+    KV cache each, and the cores split among them (an engine would otherwise
+    start a thread per core). The caller's environment overrides both."""
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+    }
+
+
 @dataclass
 class ClusterSpec:
     model: str
@@ -145,15 +156,7 @@ class LocalCluster:
         )
 
     def _spawn_rank(self, rank: int, name: str) -> subprocess.Popen[bytes]:
-        cores = os.cpu_count() or 1
-        env = {
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-            # The ranks share this host's cores (a CPU rank runs its model in
-            # its engine process, which would otherwise take a thread per core).
-            "OMP_NUM_THREADS": os.environ.get(
-                "OMP_NUM_THREADS", str(max(1, cores // self.spec.ranks))
-            ),
-        }
+        env = cpu_engine_env(self.spec.ranks)
         netns = self.spec.rank_netns.get(rank)
         # `ip netns exec` execs the command: the process is still the rank server.
         prefix = ["ip", "netns", "exec", netns] if netns else []
