@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import grpc
 from transformers import AutoTokenizer
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
+from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
+from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster, cpu_engine_env
 from tests.conftest import ROOT, TINY_MAX_MODEL_LEN, TINY_MODEL
 
 PROMPTS = [
@@ -46,15 +48,16 @@ def token_ids(responses: list[generate_pb2.GenerateResponse], index: int = 0) ->
 
 
 async def test_greedy_output_equals_the_engine_called_directly(
-    generate: generate_pb2_grpc.GenerateServiceAsyncStub, tmp_path: object
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub, cluster: LocalCluster, tmp_path: object
 ) -> None:
     out = f"{tmp_path}/direct.json"
     direct = subprocess.run(
         [sys.executable, "-m", "tests.direct_engine", "--out", out, "--model", str(TINY_MODEL),
-         "--max-model-len", str(TINY_MAX_MODEL_LEN), *CPU_ENGINE_FLAGS],
+         "--max-model-len", str(TINY_MAX_MODEL_LEN), *CPU_ENGINE_FLAGS, *ONE_PROCESS_ENGINE_FLAGS],
         input=json.dumps(PROMPTS).encode(),
         cwd=ROOT,
-        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        # The engine as a rank of the session's cluster runs it.
+        env={**os.environ, **cpu_engine_env(cluster.spec.ranks), **ONE_PROCESS_ENGINE_ENV},
         capture_output=True,
         timeout=300,
     )  # fmt: skip
