@@ -34,6 +34,9 @@ from router.wire import MalformedRequestInterceptor
 
 log = logging.getLogger("dprouter")
 T = TypeVar("T")
+# After the grace period: how long the requests the router ended get to send
+# their status before the server stops (which would cancel them instead).
+STATUS_SEND_S = 1.0
 
 
 def build_server(
@@ -159,7 +162,9 @@ async def serve(config: RouterConfig) -> int:
     for rank in range(config.data_parallel_size):
         dispatcher.ledger.set_drained(rank, True)
     if not await dispatcher.drain(config.grace_period):
-        log.warning("grace period over; cancelling the remaining requests")
+        ended = dispatcher.end_all()
+        log.warning("grace period over; ended the remaining requests", extra={"requests": ended})
+        await dispatcher.drain(STATUS_SEND_S)
     await server.stop(grace=1.0)
     membership.close()
     if config.metrics_listen is not None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,9 @@ class _Streaming:
     job: Job
     task: asyncio.Task[Any]
     in_engine: bool = False  # awaiting the engine's next output, not sending
-    failed: bool = False  # its rank was found dead or hung
+    # Why the router ends it: RankFailed (its rank was found dead or hung),
+    # or a RequestError (the router's grace period is over).
+    ended: Exception | None = None
 
 
 class RankFailed(Exception):
@@ -316,17 +318,18 @@ class Dispatcher:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)
                         yield delta
-                        if streaming.failed:  # found out while the client was sent this
-                            raise RankFailed
+                        if streaming.ended is not None:  # found out while the client was sent this
+                            raise streaming.ended
                     break
                 except asyncio.CancelledError as e:
-                    if not streaming.failed:
+                    ended = streaming.ended
+                    if ended is None:
                         attempt.fail(e)
-                        raise  # the client's cancel, not a failed rank
+                        raise  # the client's cancel
                     task.uncancel()
-                    attempt.fail(RankFailed(f"rank {job.rank} failed"))
-                    if delivered or job.pinned:
-                        raise RankFailed from None
+                    attempt.fail(ended)
+                    if isinstance(ended, RequestError) or delivered or job.pinned:
+                        raise ended from None
                     self._retry_elsewhere(job)
                 except (EngineDeadError, RankNotJoined) as e:
                     attempt.fail(e)
@@ -383,13 +386,29 @@ class Dispatcher:
         on_rank = [st for st in self._streaming.values() if st.job.rank == rank]
         with contextlib.suppress(RankNotJoined):
             await self.pool.fail(rank, [st.job.engine_request_id for st in on_rank])
-        for streaming in on_rank:
-            streaming.failed = True
+        self._end(on_rank, lambda: RankFailed(f"rank {rank} failed"))
+        return len(on_rank)
+
+    def end_all(self) -> int:
+        """Ends every running job with UNAVAILABLE (the grace period of a
+        shutdown is over); how many. Their clients get a status that says so,
+        and the logs, metrics and traces agree with it."""
+        streams = list(self._streaming.values())
+        self._end(
+            streams, lambda: unavailable("the router is shutting down: its grace period is over")
+        )
+        return len(streams)
+
+    @staticmethod
+    def _end(streams: Sequence[_Streaming], error: Callable[[], Exception]) -> None:
+        """Ends these jobs' streams with `error()`, at their next output, or at
+        once where they wait on the engine."""
+        for streaming in streams:
+            streaming.ended = error()
             # Interrupt only a wait on the engine: cancelled anywhere else (a
             # send to the client), the handler would end without a status.
             if streaming.in_engine:
-                streaming.task.cancel("rank failed")
-        return len(on_rank)
+                streaming.task.cancel("ended by the router")
 
     def _retry_elsewhere(self, job: Job) -> None:
         """Moves a job that has produced nothing off its failed rank; raises

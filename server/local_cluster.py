@@ -285,8 +285,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
     parser.add_argument("--metrics-listen", help="the router's Prometheus endpoint (HOST:PORT)")
     args = parser.parse_args()
-    # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned;
+    # so does SIGINT when the shell that started it ignores SIGINT (a
+    # background job of a script), which Python would otherwise inherit.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.default_int_handler)
     cluster = LocalCluster(
         ClusterSpec(
             model=args.model,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2_grpc
+from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from tests.conftest import TINY_MAX_MODEL_LEN, wait_for_idle_engines
 
 S = generate_pb2.SamplingParams
@@ -132,11 +132,32 @@ async def test_truncated_message(
     await assert_still_serves(generate)
 
 
+async def outcomes(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tuple[int, int, int]]:
+    """Per rank: the requests it served, failed and had cancelled."""
+    reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+    return [(r.served, r.failed, r.cancelled) for r in reply.ranks]
+
+
 async def test_bad_requests_leave_no_engine_work(
+    channel: grpc.aio.Channel,
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
 ) -> None:
-    """Rejections happen before the engine: nothing is left in flight."""
+    """Rejections happen before the engine: nothing is left in flight, and no
+    rank counts a request (a request that reached a rank ends as one of
+    served, failed or cancelled there)."""
+    await wait_for_idle_engines(ranks, timeout=10)
+    before = await outcomes(ranks)
+    raw = channel.unary_stream(
+        "/dprouter.v1.GenerateService/Generate",
+        request_serializer=lambda b: b,
+        response_deserializer=generate_pb2.GenerateResponse.FromString,
+    )
     for _, request, field in BAD_REQUESTS:
         await expect_invalid(generate.Generate(request), field)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await generate.Complete(generate_pb2.CompleteRequest(request=request))
+    for field, wire in INVALID_UTF8:
+        await expect_invalid(raw(wire), field)
     await wait_for_idle_engines(ranks, timeout=5)
+    assert await outcomes(ranks) == before

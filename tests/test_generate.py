@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import grpc
 from transformers import AutoTokenizer
@@ -183,6 +184,83 @@ async def test_n_choices_logprobs_and_stop(
     assert token_ids(stopped) == free[: free.index(stop_at) + 1]
     assert stopped[-1].finish_reason == generate_pb2.FINISH_REASON_STOP
     assert stopped[-1].stop_reason == str(stop_at)
+
+
+async def test_a_stop_string_ends_the_output_before_it(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    free = "".join(r.text for r in await collect(generate, greedy_request("Hello world")))
+    # Taken from the greedy output, so the same greedy run must meet it.
+    stop = free[len(free) // 2 :][:3]
+    assert stop.strip() and "\ufffd" not in stop, free
+    request = greedy_request("Hello world")
+    request.sampling.stop.append(stop)
+    stopped = await collect(generate, request)
+    text = "".join(r.text for r in stopped)
+    assert text == free[: free.index(stop)]
+    assert stop not in text
+    assert stopped[-1].finish_reason == generate_pb2.FINISH_REASON_STOP
+    assert stopped[-1].stop_reason == stop
+
+
+async def test_the_same_seed_samples_the_same_tokens_on_either_rank(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    def seeded(rank: int) -> generate_pb2.GenerateRequest:
+        return generate_pb2.GenerateRequest(
+            prompt="Hello world",
+            data_parallel_rank=rank,
+            sampling=generate_pb2.SamplingParams(
+                max_tokens=32, temperature=1.0, seed=1234, ignore_eos=True
+            ),
+        )
+
+    first = token_ids(await collect(generate, seeded(0)))
+    assert len(first) == 32
+    # Without the seed honoured, two samples of 32 tokens at temperature 1 differ.
+    assert token_ids(await collect(generate, seeded(0))) == first
+    assert token_ids(await collect(generate, seeded(1))) == first
+
+
+async def test_min_tokens_holds_back_a_stop_token(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    # Greedy decoding produces this token first: as a stop token it ends the
+    # output at once, unless min_tokens forbids it.
+    stop_at = token_ids(await collect(generate, greedy_request("Hello world", max_tokens=1)))[0]
+    request = greedy_request("Hello world")
+    request.sampling.stop_token_ids.append(stop_at)
+    assert token_ids(await collect(generate, request)) == [stop_at]
+    request.sampling.min_tokens = 8
+    responses = await collect(generate, request)
+    assert len(token_ids(responses)) >= 8
+    assert responses[-1].usage.completion_tokens == len(token_ids(responses))
+
+
+async def test_the_router_logs_each_request_with_its_rank(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub, cluster: LocalCluster
+) -> None:
+    assert cluster.spec.log_dir is not None
+    request_id = f"log-{uuid.uuid4().hex[:8]}"
+    responses = await collect(
+        generate, greedy_request("log me", max_tokens=4, request_id=request_id)
+    )
+    log = cluster.spec.log_dir / "router.log"
+    finished: list[dict[str, object]] = []
+    for _ in range(50):  # the line is written as the RPC ends, maybe after the client sees it
+        texts = log.read_text(errors="replace").splitlines()
+        lines = [json.loads(t) for t in texts if t.startswith("{") and request_id in t]
+        finished = [line for line in lines if line["msg"] == "request finished"]
+        if finished:
+            break
+        await asyncio.sleep(0.1)
+    assert len(finished) == 1, finished
+    [line] = finished
+    assert line["request_id"] == request_id
+    assert line["rank"] == responses[0].data_parallel_rank
+    assert line["status"] == "OK"
+    assert line["method"] == "dprouter.v1.GenerateService/Generate"
+    assert line["completion_tokens"] == 4
 
 
 async def test_rank_pin_by_field_and_by_metadata(

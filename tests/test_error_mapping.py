@@ -1,0 +1,89 @@
+"""An engine error raised mid-generation becomes a precise gRPC status, and the
+job leaves the ledger as failed. Unit level: a real `Dispatcher` over a pool
+whose one rank yields a delta, then raises; no engine is involved."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from bench.standin import BLOCK, StandInRank
+from dprouter.v1 import generate_pb2
+from router import tracing
+from router.dispatcher import Dispatcher
+from router.engine_types import EngineDelta
+from router.errors import RequestError
+from router.ledger import Ledger
+from router.metrics import Metrics
+from router.policies import DEFAULT_LOAD_FACTOR, make_policy
+from router.ranks import RankNotJoined
+from router.vllm_compat import EngineClientError, EngineDeadError, EngineSamplingParams
+
+
+class FailingRank(StandInRank):
+    """A rank that yields one delta, then raises `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: EngineSamplingParams,
+        rank: int,
+        priority: int,
+        trace_headers: Mapping[str, str] | None,
+    ) -> AsyncIterator[EngineDelta]:
+        yield EngineDelta(
+            index=0, text="x", token_ids=[7], logprobs=[], finish_reason=None,
+            stop_reason="", finished=False, cached_tokens=0,
+        )  # fmt: skip
+        raise self.error
+
+
+ERRORS: list[tuple[Exception, grpc.StatusCode, str]] = [
+    (EngineDeadError(), grpc.StatusCode.UNAVAILABLE, "rank 0 failed after 1 tokens"),
+    (RankNotJoined("rank 0 has not joined"), grpc.StatusCode.UNAVAILABLE, "rank 0 failed"),
+    (EngineClientError("bad"), grpc.StatusCode.INVALID_ARGUMENT, "rejected by the engine: bad"),
+    (ValueError("odd"), grpc.StatusCode.INVALID_ARGUMENT, "rejected by the engine: odd"),
+    (RuntimeError("boom"), grpc.StatusCode.INTERNAL, "engine failure: RuntimeError: boom"),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"), ERRORS, ids=[type(e).__name__ for e, _, _ in ERRORS]
+)
+async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
+    error: Exception, code: grpc.StatusCode, message: str
+) -> None:
+    dispatcher = Dispatcher(Metrics())
+    pool = FailingRank(error)
+    dispatcher.attach(pool, make_policy("round_robin", 1, BLOCK, DEFAULT_LOAD_FACTOR), Ledger(1))
+    request = generate_pb2.GenerateRequest(
+        prompt="hello", sampling=generate_pb2.SamplingParams(max_tokens=8)
+    )
+    job = dispatcher.prepare(request, (), tracing.start("test", (), "test"))
+    assert dispatcher.loads()[0].in_flight == 1
+
+    deltas = []
+    with pytest.raises(RequestError) as raised:
+        async for delta in dispatcher.run(job, None):
+            deltas.append(delta)
+    assert len(deltas) == 1  # the error came after the stream had begun
+    assert raised.value.code == code
+    assert message in raised.value.problem, raised.value.problem
+    if code == grpc.StatusCode.UNAVAILABLE:
+        [info] = raised.value.details
+        assert isinstance(info, error_details_pb2.ErrorInfo)
+        assert info.reason == "RANK_FAILED"
+        assert dict(info.metadata) == {"rank": "0", "delivered_tokens": "1"}
+    else:
+        assert not raised.value.details
+
+    load = dispatcher.loads()[0]
+    assert (load.in_flight, load.failed, load.served, load.cancelled) == (0, 1, 0, 0)
+    assert await dispatcher.drain(0.1)  # a SIGTERM drain would not wait for it
