@@ -41,8 +41,9 @@ CPP_SRCS := clients/cpp/generate.cc $(CPP_GEN)/dprouter/v1/generate.pb.cc \
 	$(CPP_GEN)/dprouter/v1/generate.grpc.pb.cc $(CPP_GEN)/grpc/health/v1/health.pb.cc \
 	$(CPP_GEN)/grpc/health/v1/health.grpc.pb.cc
 EXAMPLES := build/go/generate clients/ts/dist/generate.js build/cpp/generate
-# `make breaking` compares the protos with this commit's (the previous one by default).
-BREAKING_AGAINST ?= HEAD~1
+# `make breaking` compares the protos with this commit's; empty: the previous
+# commit of main (see the target).
+BREAKING_AGAINST ?=
 
 .PHONY: setup stubs examples models run traces test check breaking api-reference bench clean
 
@@ -153,15 +154,27 @@ check: $(STUBS)
 api-reference: $(STAMP)
 	$(PY) -m clients.api_reference
 
-# buf breaking against the protos of $(BREAKING_AGAINST); skipped when this clone
-# lacks that commit (a shallow clone) or it has no protos.
+# buf breaking against the protos of the previous commit of main: on a branch
+# that has left main, their merge base, else HEAD~1 (or BREAKING_AGAINST).
+# A shallow clone is deepened by one commit first where the network allows.
+# A clone that lacks the commit (shallow and offline) skips with a warning
+# rather than failing: CI may clone that way.
 breaking: $(STAMP)
-	@if git cat-file -e "$(BREAKING_AGAINST):protos" 2>/dev/null; then \
+	@against='$(BREAKING_AGAINST)'; \
+	if [ "$$(git rev-parse --is-shallow-repository)" = true ]; then \
+	  git fetch -q --deepen=1 2>/dev/null || true; fi; \
+	if [ -z "$$against" ]; then \
+	  base=$$(git merge-base HEAD main 2>/dev/null); \
+	  if [ -n "$$base" ] && [ "$$base" != "$$(git rev-parse HEAD)" ]; then against=$$base; \
+	  else against=HEAD~1; fi; \
+	fi; \
+	if git cat-file -e "$$against:protos" 2>/dev/null; then \
 	  rm -rf build/breaking && mkdir -p build/breaking && \
-	  git archive "$(BREAKING_AGAINST)" protos | tar -x -C build/breaking && \
+	  git archive "$$against" protos | tar -x -C build/breaking && \
 	  $(VENV)/bin/buf breaking protos --against build/breaking/protos && \
-	  echo "buf breaking: no breaking change since $(BREAKING_AGAINST)"; \
-	else echo "buf breaking: skipped, no protos at $(BREAKING_AGAINST) in this clone"; fi
+	  echo "buf breaking: no breaking change since $$against"; \
+	else echo "*** buf breaking: SKIPPED: no protos at $$against in this clone" \
+	  "(shallow and offline?); BREAKING_AGAINST=<commit> names another ***" >&2; fi
 
 test: $(STUBS) models check breaking examples
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -148,7 +148,9 @@ def submitter(system: str, client: EngineClient) -> Submit:
     dispatcher = Dispatcher(Metrics())
     if system != VLLM_BALANCER:
         dispatcher.attach(
-            pool, make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR), Ledger(2)
+            pool,
+            make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR, pool.kv_blocks),
+            Ledger(2),
         )
 
     async def submit(job: Job) -> Result:
@@ -289,8 +291,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("cost").set_defaults(run=run_cost)
     balance = sub.add_parser("balance")
-    balance.add_argument("--systems", nargs="+", default=[
-        "round_robin", "least_loaded", "power_of_two", "affinity", VLLM_BALANCER])  # fmt: skip
+    # Every policy. The workload has no session keys or shared prefixes, so
+    # session and prefix route by their fallback (least loaded) throughout.
+    balance.add_argument("--systems", nargs="+", default=[*POLICIES, VLLM_BALANCER])
     balance.add_argument("--seconds", type=float, default=20)
     balance.add_argument("--rate", type=float, default=12, help="requests per second")
     balance.set_defaults(run=run_balance)

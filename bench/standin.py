@@ -39,6 +39,7 @@ class StandInRank:
 
     limits = ModelLimits(max_model_len=1 << 20, vocab_size=1 << 16, data_parallel_size=1)
     block_size = BLOCK
+    kv_blocks = 1 << 16
     capacity = 256  # vLLM's default max_num_seqs: more than the benchmark's streams
     shared_connection = False
 

@@ -100,7 +100,11 @@ class Membership:
 
     def _attach(self, pool: RankPool, ledger: Ledger) -> None:
         policy = make_policy(
-            self._config.routing_policy, self._ranks, pool.block_size, self._config.load_factor
+            self._config.routing_policy,
+            self._ranks,
+            pool.block_size,
+            self._config.load_factor,
+            pool.kv_blocks,
         )
         self._dispatcher.attach(pool, policy, ledger)
         log.info("serving", extra={"ranks": self._ranks, "routing_policy": policy.name})

@@ -8,8 +8,8 @@ advances round robin, remembers the prompt's blocks on the chosen rank). An
 explicit pin in the request bypasses the policy (see the dispatcher).
 
 Loads count requests the router itself has in flight on each rank, exact and
-without polling lag, plus what the engines report through vLLM's
-data-parallel coordinator.
+without polling lag, plus what each engine reports with every step it runs
+(vLLM's stat-logger interface: `vllm_compat._CountsRecorder`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ PREFILL_TOKENS_PER_REQUEST = 512
 DEFAULT_LOAD_FACTOR = 1.25
 # Points per rank on the session ring: enough for an even split of keys.
 RING_POINTS_PER_RANK = 64
-# Prompt blocks remembered per rank; vLLM evicts the least recently used.
+# Prompt blocks remembered per rank where the engine's KV cache size is not
+# given; vLLM evicts the least recently used.
 DEFAULT_PREFIX_BLOCKS_PER_RANK = 65536
 
 
@@ -68,6 +69,13 @@ class Decision:
     affinity_rank: int | None = None  # where the session or prefix pointed, before any spill
     commit: Callable[[], None] = field(default=_nothing, compare=False)
 
+    @property
+    def affinity_hit(self) -> bool:
+        """The request goes to its home rank (its session key's, or the one
+        holding the longest known prefix of its prompt). False after a spill,
+        for a pin, and when neither points anywhere."""
+        return self.affinity_rank is not None and self.rank == self.affinity_rank
+
 
 class Policy(Protocol):
     name: str
@@ -76,12 +84,17 @@ class Policy(Protocol):
 
 
 def load_score(load: RankLoad) -> float:
-    """How busy a rank is, in requests. The router's in-flight count is exact;
-    requests the engine reports waiting count again, because a rank with a
+    """How busy a rank is, in requests. The requests on the rank: the larger
+    of the router's in-flight count (exact for what it sent, and ahead of the
+    engine's report by the requests just routed) and the engine's running +
+    waiting as of its last step (which counts a request with n choices as
+    the n it runs; an idle engine's report keeps requests aborted after its
+    last step until the watchdog's probe makes it step, within a second).
+    Requests the engine reports waiting count again, because a rank with a
     queue is saturated; prompt tokens still to prefill and the KV cache's
     fill (near 1, vLLM starts preempting) weigh as fractions of a request."""
     return (
-        load.in_flight
+        max(load.in_flight, load.running + load.waiting)
         + load.waiting
         + load.queued_prompt_tokens / PREFILL_TOKENS_PER_REQUEST
         + load.kv_cache_usage
@@ -396,10 +409,17 @@ class Affinity:
 POLICIES = ("affinity", "least_loaded", "power_of_two", "prefix", "round_robin", "session")
 
 
-def make_policy(name: str, ranks: int, block_size: int, load_factor: float) -> Policy:
-    """The policy a --routing-policy flag names."""
+def make_policy(
+    name: str,
+    ranks: int,
+    block_size: int,
+    load_factor: float,
+    blocks_per_rank: int = DEFAULT_PREFIX_BLOCKS_PER_RANK,
+) -> Policy:
+    """The policy a --routing-policy flag names; `blocks_per_rank` is the
+    size of each rank's KV cache in blocks, which the prefix index mirrors."""
     session = SessionAffinity(ranks, load_factor)
-    prefix = PrefixAffinity(ranks, block_size, load_factor)
+    prefix = PrefixAffinity(ranks, block_size, load_factor, blocks_per_rank)
     policies: dict[str, Callable[[], Policy]] = {
         "affinity": lambda: Affinity(session, prefix),
         "least_loaded": LeastLoaded,

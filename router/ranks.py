@@ -30,6 +30,7 @@ class RankPool(Protocol):
 
     limits: ModelLimits
     block_size: int  # tokens per KV block, the unit of vLLM's prefix cache
+    kv_blocks: int  # KV cache blocks per rank: what its prefix cache can hold
     capacity: int  # requests one rank's engine runs at once (max_num_seqs)
     # True where the ranks' engines share one connection to the router, so
     # that a drop does not say whose engine it was (the coupled topology).
@@ -99,6 +100,7 @@ class CoupledRanks:
         self._client = client
         self.limits = _limits(client, client.data_parallel_size)
         self.block_size = client.block_size
+        self.kv_blocks = client.kv_blocks
         self.capacity = client.max_num_seqs
         self.shared_connection = True
 
@@ -156,6 +158,7 @@ class IndependentRanks:
         self._clients[rank] = client
         self.limits = _limits(client, ranks)
         self.block_size = client.block_size
+        self.kv_blocks = client.kv_blocks
         self.capacity = client.max_num_seqs
         self.shared_connection = False
 

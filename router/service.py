@@ -100,6 +100,15 @@ def _logprobs(items: list[EngineTokenLogprob]) -> list[generate_pb2.TokenLogprob
     ]
 
 
+def _route_metadata(job: Job) -> list[tuple[str, str]]:
+    """Where the job went and why, as response metadata."""
+    return [
+        (RANK_METADATA_KEY, str(job.rank)),
+        (ROUTE_POLICY_METADATA_KEY, job.route_policy),
+        (ROUTE_REASON_METADATA_KEY, job.route_reason),
+    ]
+
+
 def _usage(outcome: _Outcome) -> generate_pb2.Usage:
     return generate_pb2.Usage(
         prompt_tokens=outcome.prompt_tokens,
@@ -181,6 +190,10 @@ class _Rpc:
                 # release and its attempt's span come before the RPC's end.
                 await outcome.deltas.aclose()
             job = outcome.job
+            if job is not None:  # the rank that served it: a retry moves it after the headers
+                context.set_trailing_metadata(
+                    (*(context.trailing_metadata() or ()), *_route_metadata(job))
+                )
             trace.end(code, message, _span_attributes(outcome))
             self.dispatcher.metrics.finished(self.method, code.name)
             log.info(
@@ -214,12 +227,7 @@ class _Rpc:
             request, _metadata(context), trace, context.time_remaining()
         )
         outcome.prompt_tokens = len(job.prompt_token_ids)
-        metadata = [
-            (RANK_METADATA_KEY, str(job.rank)),
-            (ROUTE_POLICY_METADATA_KEY, job.route_policy),
-            (ROUTE_REASON_METADATA_KEY, job.route_reason),
-            ("x-request-id", job.request_id),
-        ]
+        metadata = [*_route_metadata(job), ("x-request-id", job.request_id)]
         if (trace_id := trace.trace_id) is not None:
             metadata.append((TRACE_ID_METADATA_KEY, trace_id))
         try:
@@ -372,6 +380,7 @@ class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
             ],
             prefix_match_tokens=decision.prefix_match_tokens,
             prompt_tokens=prompt_tokens,
+            affinity_hit=decision.affinity_hit,
         )
         if decision.affinity_rank is not None:
             response.affinity_rank = decision.affinity_rank

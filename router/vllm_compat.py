@@ -250,6 +250,11 @@ class EngineClient:
         self.data_parallel_size: int = llm.vllm_config.parallel_config.data_parallel_size
         # The KV block size; vLLM's prefix cache reuses whole blocks only.
         self.block_size: int = llm.vllm_config.cache_config.block_size
+        # KV cache blocks per engine (rank): vLLM sums its engines' counts at
+        # their handshake, which is over once the client exists.
+        blocks = llm.vllm_config.cache_config.num_gpu_blocks
+        assert blocks is not None
+        self.kv_blocks: int = blocks // self.data_parallel_size
         # The requests one engine runs at once; more wait in its queue.
         self.max_num_seqs: int = llm.vllm_config.scheduler_config.max_num_seqs
 

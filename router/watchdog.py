@@ -2,8 +2,8 @@
 
 vLLM's engine client does not notice an engine process that died or stopped:
 requests to it hang with no error (measured on vLLM 0.32). So the router
-probes every rank every `interval` seconds (one greedy token while it has
-requests, a light call while it is idle), and watches each engine's
+probes every rank that sent no output for `interval` seconds (one greedy
+token while it has requests, a light call while it is idle), and watches each engine's
 connection: a dropped one (a killed engine) fails the rank at once. Where
 the ranks share one connection (coupled), a drop does not say whose engine
 it was: each rank gets a light probe at once, and the ranks that do not
@@ -131,7 +131,10 @@ class Watchdog:
                 probe = None
             if drop_check is not None and drop_check.done():
                 drop_check = None
-            if probe is None and now - probe_started >= self._interval:
+            # A rank that streamed output within the interval has shown it
+            # steps: a probe would only add a request to its batch.
+            heard = pool.last_heard(rank)
+            if probe is None and now - max(probe_started, heard) >= self._interval:
                 probe = asyncio.ensure_future(self._probe(rank, self._busy(rank)))
                 probe_started = now
             if (drop := pool.dropped_at(rank)) != drop_seen:  # a drop, or a new client
@@ -143,7 +146,7 @@ class Watchdog:
             if healthy and not was_healthy:  # it joined (or rejoined with a new client)
                 # Answers to the old client are no sign of the new one.
                 answered_at, unhealthy_since, awake_at_join = 0.0, None, awake
-            sign = max(answered_at, pool.last_heard(rank))
+            sign = max(answered_at, heard)
             if sign > last_sign:
                 last_sign, awake_at_sign = sign, awake - min(now - sign, step)
             silent = awake - max(awake_at_sign, awake_at_join)
@@ -176,7 +179,7 @@ class Watchdog:
                         "timeout_s": self._timeout,
                         "silent_s": round(silent, 3),  # in the router's running time
                         "last_answer_s_ago": round(now - answered_at, 3) if answered_at else None,
-                        "last_output_s_ago": round(now - pool.last_heard(rank), 3),
+                        "last_output_s_ago": round(now - heard, 3),
                         "probe_running_s": round(now - probe_started, 3) if probe else None,
                     },
                 )

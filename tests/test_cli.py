@@ -10,16 +10,46 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from dprouter.cli import parse_args, sampling_params
 from server.local_cluster import LocalCluster, free_port
 from tests.conftest import ROOT
 
-# The installed console script where `pip install -e .` made one, else the module.
+# The console script that installing the package (`make setup`) makes.
 SCRIPT = Path(sys.executable).parent / "dprouter"
-DPROUTER = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "dprouter.cli"]
 
 
 def dprouter(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*DPROUTER, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_console_script_is_installed() -> None:
+    assert SCRIPT.is_file(), f"{SCRIPT} is missing: `pip install -e .` makes it"
+
+
+def test_sampling_flags_set_only_the_fields_given() -> None:
+    args = parse_args([
+        "generate", "Hi", "--top-k", "40", "--min-p", "0.05", "--seed", "7", "--stop", ".",
+        "--stop", "\n", "--min-tokens", "2", "--temperature", "0", "--top-p", "0.9",
+    ])  # fmt: skip
+    sampling = sampling_params(args)
+    assert (sampling.top_k, sampling.seed, sampling.min_tokens) == (40, 7, 2)
+    assert sampling.min_p == pytest.approx(0.05) and sampling.top_p == pytest.approx(0.9)
+    assert list(sampling.stop) == [".", "\n"]
+    assert sampling.HasField("temperature") and sampling.temperature == 0  # greedy, not unset
+    # Flags not given stay unset, for the router to apply vLLM's defaults.
+    plain = sampling_params(parse_args(["generate", "Hi"]))
+    assert [field.name for field, _ in plain.ListFields()] == ["max_tokens"]
+
+
+def test_system_without_chat_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["generate", "Hi", "--system", "Be brief."])
+    assert exited.value.code == 2
+    assert "--system goes with --chat" in capsys.readouterr().err
 
 
 def test_generate_streams_to_stdout_and_says_where_to_stderr(cluster: LocalCluster) -> None:
@@ -62,7 +92,7 @@ def test_ranks_table_drain_resume_and_health_watch(cluster: LocalCluster) -> Non
     assert [row.split()[:2] for row in rows] == [["0", "serving"], ["1", "serving"]]
 
     watch = subprocess.Popen(
-        [*DPROUTER, "health", "--watch", "--address", address],
+        [str(SCRIPT), "health", "--watch", "--address", address],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
 from tests.conftest import LONG_TOKENS, OtlpReceiver, otlp_env, tiny_spec
-from tests.test_routing import keys_homed_on, request, route_of, routed
+from tests.test_routing import keys_homed_on, request, route_of, routed, routed_and_served
 from tests.test_tracing import ERROR, attributes, wait_for_attempts, wait_for_span
 
 DETECTION_BOUND_S = 5.0
@@ -159,7 +159,9 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
         # Routed to rank 1 before the router knows: they produce nothing there,
         # so they are retried on rank 0 when rank 1 is found out.
         retried = [
-            asyncio.ensure_future(routed(generate, request(f"k {k}", max_tokens=8, session_key=k)))
+            asyncio.ensure_future(
+                routed_and_served(generate, request(f"k {k}", max_tokens=8, session_key=k))
+            )
             for k in keys
         ]
         detected = await wait_health(health, "rank/1", NOT_SERVING, timeout=DETECTION_BOUND_S + 5)
@@ -170,7 +172,7 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
         async with asyncio.timeout(30):  # none hangs
             results = await asyncio.gather(*retried)
         retried_traces = 0
-        for responses, metadata in results:
+        for responses, metadata, trailers in results:
             assert responses[0].data_parallel_rank == 0
             assert responses[-1].usage.completion_tokens == 8
             # Its trace: a failed attempt on rank 1 (unless the load bound spilled
@@ -179,6 +181,10 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
             if route_of(metadata)[0] == 1:
                 expected.insert(0, (1, True))
                 retried_traces += 1
+                # The headers name the first rank, the trailers the one that served.
+                assert route_of(trailers) == (0, "affinity", "retry_after_rank_failure")
+            else:
+                assert route_of(trailers) == route_of(metadata)
             trace_id = bytes.fromhex(metadata["x-trace-id"])
             attempts = await wait_for_attempts(otlp_receiver[0], trace_id, len(expected))
             tried = [

@@ -56,8 +56,25 @@ def test_reflection_lists_and_describes_services(cluster: LocalCluster) -> None:
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= set(services)
-    described = grpcurl(cluster, cluster.spec.listen, "describe", "dprouter.v1.SamplingParams")
-    assert "max_tokens" in described and "repetition_penalty" in described
+    # Per symbol, names its description must show.
+    expected = {
+        "dprouter.v1.SamplingParams": ["max_tokens", "repetition_penalty"],
+        "dprouter.v1.GenerateRequest": [
+            "prompt_token_ids", "messages", "sampling", "data_parallel_rank", "session_key",
+        ],
+        "dprouter.v1.GenerateResponse": [
+            "text", "token_ids", "finish_reason", "usage", "data_parallel_rank", "request_id",
+        ],
+        "dprouter.v1.GenerateService": [
+            "rpc Generate", "returns ( stream .dprouter.v1.GenerateResponse )", "rpc Complete",
+        ],
+        "dprouter.v1.RanksService": [
+            "rpc ListRanks", "rpc DrainRank", "rpc ResumeRank", "rpc ExplainRoute",
+        ],
+    }  # fmt: skip
+    for symbol, names in expected.items():
+        described = grpcurl(cluster, cluster.spec.listen, "describe", symbol)
+        assert [name for name in names if name not in described] == [], described
 
 
 def test_grpcurl_generate_and_health_without_protos(cluster: LocalCluster) -> None:

@@ -29,10 +29,15 @@ def load(
     waiting: int = 0,
     queued_prompt_tokens: int = 0,
     kv: float = 0.0,
+    running: int | None = None,
 ) -> RankLoad:
+    """By default the engine runs the router's in-flight requests that are
+    not waiting, as in a steady state."""
+    if running is None:
+        running = max(in_flight - waiting, 0)
     return RankLoad(
         rank=rank, state=state, in_flight=in_flight, queued_prompt_tokens=queued_prompt_tokens,
-        waiting=waiting, running=in_flight, kv_cache_usage=kv, served=0, failed=0, cancelled=0,
+        waiting=waiting, running=running, kv_cache_usage=kv, served=0, failed=0, cancelled=0,
     )  # fmt: skip
 
 
@@ -74,6 +79,18 @@ def test_load_score_weighs_queues_long_prompts_and_kv() -> None:
     assert load_score(load(0, kv=0.5)) == 0.5
 
 
+def test_load_score_takes_the_larger_of_in_flight_and_the_engines_count() -> None:
+    # Just routed, not in the engine's last report yet: the router's count holds.
+    assert load_score(load(0, in_flight=3, running=1)) == 3
+    # One request with n=4 choices runs as four in the engine.
+    assert load_score(load(0, in_flight=1, running=4)) == 4
+    assert load_score(load(0, in_flight=1, running=2, waiting=2)) == 4 + 2  # the queue again
+    # In-flight counts alone would pick rank 0; its engine runs more.
+    loads = [load(0, in_flight=1, running=4), load(1, in_flight=2)]
+    assert routed(LeastLoaded(), PLAIN, loads) == 1
+    assert routed(PowerOfTwo(), PLAIN, loads) == 1
+
+
 def test_least_loaded_picks_the_lowest_score_and_rotates_ties() -> None:
     policy = LeastLoaded()
     loads = [load(0, in_flight=3), load(1, in_flight=1), load(2, in_flight=2)]
@@ -108,6 +125,7 @@ def test_session_keys_stick_to_one_rank_and_spread_over_ranks() -> None:
     assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 25, counts
     decision = policy.decide(RouteInput([1], "user-0"), idle(4))
     assert (decision.reason, decision.affinity_rank) == ("session_home", homes["user-0"])
+    assert decision.affinity_hit
 
 
 def test_a_hot_session_spills_past_the_load_bound() -> None:
@@ -129,6 +147,7 @@ def test_a_hot_session_spills_past_the_load_bound() -> None:
     assert loads[home].in_flight <= 5 and loads[other].in_flight >= 3
     spilled = policy.decide(hot, [load(home, in_flight=4), load(other, in_flight=0)])
     assert (spilled.rank, spilled.reason, spilled.affinity_rank) == (other, "session_spill", home)
+    assert not spilled.affinity_hit
 
 
 def test_draining_a_rank_moves_only_its_sessions() -> None:
@@ -159,9 +178,11 @@ def test_prefix_affinity_follows_the_longest_cached_prefix() -> None:
     assert (first.reason, first.prefix_match_tokens, first.affinity_rank) == (
         "prefix_miss", 0, None,
     )  # fmt: skip
+    assert not first.affinity_hit
     first.commit()
     again = policy.decide(RouteInput([*system, 2, 3]), idle(3))
     assert (again.rank, again.reason, again.prefix_match_tokens) == (first.rank, "prefix_hit", 8)
+    assert again.affinity_hit
     match = {c.rank: c.prefix_match_tokens for c in again.candidates}
     assert sorted(match.values()) == [0, 0, 8]
     # A different system prompt starts elsewhere (ties rotate).
@@ -178,6 +199,7 @@ def test_prefix_affinity_spills_to_the_least_loaded_past_the_bound() -> None:
     busy[home] = load(home, in_flight=4)
     spilled = policy.decide(prompt, busy)
     assert (spilled.rank, spilled.reason, spilled.affinity_rank) == (1 - home, "prefix_spill", home)
+    assert not spilled.affinity_hit
     spilled.commit()  # the other rank now holds the prefix as well
     again = policy.decide(prompt, idle(2))
     assert again.reason == "prefix_hit"
@@ -185,7 +207,8 @@ def test_prefix_affinity_spills_to_the_least_loaded_past_the_bound() -> None:
 
 
 def test_prefix_index_forgets_the_least_recently_used_blocks() -> None:
-    policy = PrefixAffinity(1, BLOCK, blocks_per_rank=2)
+    # Sized as the engine's KV cache: two blocks per rank.
+    policy = make_policy("prefix", ranks=1, block_size=BLOCK, load_factor=1.25, blocks_per_rank=2)
     routed(policy, RouteInput(list(range(8))), idle(1))
     routed(policy, RouteInput(list(range(50, 58))), idle(1))
     assert policy.decide(RouteInput(list(range(8))), idle(1)).prefix_match_tokens == 0

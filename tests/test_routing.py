@@ -40,10 +40,22 @@ async def routed(
     metadata: Metadata = (),
 ) -> tuple[list[generate_pb2.GenerateResponse], dict[str, str]]:
     """The whole stream and the response metadata that says where it went and why."""
+    responses, initial, _ = await routed_and_served(generate, req, metadata)
+    return responses, initial
+
+
+async def routed_and_served(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+    req: generate_pb2.GenerateRequest,
+    metadata: Metadata = (),
+) -> tuple[list[generate_pb2.GenerateResponse], dict[str, str], dict[str, str]]:
+    """As `routed`, and the trailers: they name the rank that served the
+    request, which a retry after a rank failure makes another."""
     call = generate.Generate(req, metadata=metadata)
     responses = [r async for r in call]
     initial = await call.initial_metadata()
-    return responses, {k: str(v) for k, v in initial}
+    trailers = await call.trailing_metadata()
+    return responses, {k: str(v) for k, v in initial}, {k: str(v) for k, v in trailers}
 
 
 def route_of(metadata: dict[str, str]) -> tuple[int, str, str]:
@@ -225,17 +237,19 @@ async def test_explain_route_agrees_with_the_rank_generate_chooses(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
 ) -> None:
     shared = token_prompt(77, 2 * BLOCK)
-    cases: list[tuple[generate_pb2.GenerateRequest, Metadata]] = [
-        (request("plain one"), ()),
-        (request("plain two"), ()),
-        (request("keyed", session_key="explain-a"), ()),
-        (request([*shared, 1]), ()),
-        (request([*shared, 2]), ()),  # a prefix hit
-        (request("pinned"), (("x-data-parallel-rank", "1"),)),
-        (request("pinned", data_parallel_rank=0), ()),
+    # Each request, its metadata, and whether it goes to its affinity home.
+    cases: list[tuple[generate_pb2.GenerateRequest, Metadata, bool]] = [
+        (request("plain one"), (), False),  # no whole block, no key
+        (request("plain two"), (), False),
+        (request("keyed", session_key="explain-a"), (), True),  # the ring fixes its home
+        (request("keyed again", session_key="explain-a"), (), True),
+        (request([*shared, 1]), (), False),  # a fresh prefix
+        (request([*shared, 2]), (), True),  # a prefix hit
+        (request("pinned"), (("x-data-parallel-rank", "1"),), False),
+        (request("pinned", data_parallel_rank=0), (), False),
     ]
     reasons = set()
-    for req, metadata in cases:
+    for req, metadata, affinity_hit in cases:
         # Idle engines: the loads (and so the choice) hold still between the calls.
         await wait_for_idle_engines(ranks, timeout=60)
         explained = await explain(ranks, req, metadata)
@@ -244,10 +258,11 @@ async def test_explain_route_agrees_with_the_rank_generate_chooses(
         _, served = await routed(generate, req, metadata)
         assert route_of(served) == (explained.rank, explained.policy, explained.reason)
         assert explained.prompt_tokens > 0 and len(explained.scores) == 2
+        assert explained.affinity_hit is affinity_hit, (req, explained)
         reasons.add(explained.reason)
     assert {"session_home", "prefix_hit", "data_parallel_rank", "x-data-parallel-rank"} <= reasons
     hit = await explain(ranks, request([*shared, 3]))
-    assert hit.prefix_match_tokens == 2 * BLOCK
+    assert hit.affinity_hit and hit.prefix_match_tokens == 2 * BLOCK
     assert {s.rank: s.prefix_match_tokens for s in hit.scores}[hit.rank] == 2 * BLOCK
 
 

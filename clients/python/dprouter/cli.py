@@ -170,6 +170,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     table.add_argument("action", nargs="?", choices=["drain", "resume"])
     table.add_argument("rank", nargs="?", type=int)
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.system is not None and not args.chat:
+        gen.error("--system goes with --chat: dprouter generate --chat PROMPT --system TEXT")
     if args.command == "ranks" and (args.action is None) != (args.rank is None):
         table.error("drain and resume take a rank: dprouter ranks drain 1")
     return args
