@@ -265,6 +265,12 @@ class EngineClient:
         args = AsyncEngineArgs.from_cli_args(engine_args)
         if not in_process:
             args.data_parallel_size_local = 0
+        # Only our stat logger (the counts the router routes on): vLLM's
+        # default ones record every step into its log and into the process's
+        # global Prometheus registry, which the router does not serve, and two
+        # clients made at once (independent ranks joining together) raced on
+        # that registry: DuplicateTimeseries, and a rank that never joined.
+        args.disable_log_stats = True
         counts: dict[int, EngineCounts] = {}
         llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[lambda _config, index: _CountsRecorder(counts, index)]

@@ -1,6 +1,7 @@
-"""An engine error raised mid-generation becomes a precise gRPC status, and the
-job leaves the ledger as failed. Unit level: a real `Dispatcher` over a pool
-whose one rank yields a delta, then raises; no engine is involved."""
+"""What the dispatcher hands a rank and makes of its failures. An engine error
+raised mid-generation becomes a precise gRPC status, and the job leaves the
+ledger as failed; the request's priority reaches the rank. Unit level: a real
+`Dispatcher` over a one-rank stand-in pool; no engine is involved."""
 
 from __future__ import annotations
 
@@ -45,6 +46,31 @@ class FailingRank(StandInRank):
         raise self.error
 
 
+class RecordingRank(StandInRank):
+    """A rank that notes the priority of each request it is given."""
+
+    def __init__(self) -> None:
+        self.priorities: list[int] = []
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: EngineSamplingParams,
+        rank: int,
+        priority: int,
+        trace_headers: Mapping[str, str] | None,
+    ) -> AsyncIterator[EngineDelta]:
+        self.priorities.append(priority)
+        return super().generate(request_id, prompt_token_ids, params, rank, priority, trace_headers)
+
+
+def dispatcher_over(pool: StandInRank) -> Dispatcher:
+    dispatcher = Dispatcher(Metrics())
+    dispatcher.attach(pool, make_policy("round_robin", 1, BLOCK, DEFAULT_LOAD_FACTOR), Ledger(1))
+    return dispatcher
+
+
 ERRORS: list[tuple[Exception, grpc.StatusCode, str]] = [
     (EngineDeadError(), grpc.StatusCode.UNAVAILABLE, "rank 0 failed after 1 tokens"),
     (RankNotJoined("rank 0 has not joined"), grpc.StatusCode.UNAVAILABLE, "rank 0 failed"),
@@ -60,9 +86,7 @@ ERRORS: list[tuple[Exception, grpc.StatusCode, str]] = [
 async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
     error: Exception, code: grpc.StatusCode, message: str
 ) -> None:
-    dispatcher = Dispatcher(Metrics())
-    pool = FailingRank(error)
-    dispatcher.attach(pool, make_policy("round_robin", 1, BLOCK, DEFAULT_LOAD_FACTOR), Ledger(1))
+    dispatcher = dispatcher_over(FailingRank(error))
     request = generate_pb2.GenerateRequest(
         prompt="hello", sampling=generate_pb2.SamplingParams(max_tokens=8)
     )
@@ -87,3 +111,15 @@ async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
     load = dispatcher.loads()[0]
     assert (load.in_flight, load.failed, load.served, load.cancelled) == (0, 1, 0, 0)
     assert await dispatcher.drain(0.1)  # a SIGTERM drain would not wait for it
+
+
+async def test_the_request_priority_reaches_the_rank() -> None:
+    pool = RecordingRank()
+    dispatcher = dispatcher_over(pool)
+    for priority in (0, -3, 7):
+        request = generate_pb2.GenerateRequest(
+            prompt="hello", priority=priority, sampling=generate_pb2.SamplingParams(max_tokens=2)
+        )
+        job = dispatcher.prepare(request, (), tracing.start("test", (), "test"))
+        assert len([delta async for delta in dispatcher.run(job, None)]) == 2
+    assert pool.priorities == [0, -3, 7]
