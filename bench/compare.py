@@ -362,7 +362,9 @@ def main() -> None:
     ]
     text = "\n".join(header) + "\n" + "\n".join(sections)
     out = Path(args.out) / f"{started:%Y-%m-%d}{'-quick' if args.quick else ''}.md"
-    out.write_text(text)
+    # The day's earlier runs stay, below this one.
+    earlier = out.read_text() if out.exists() else ""
+    out.write_text(text + (f"\n{earlier}" if earlier else ""))
     print(f"\n{text}\nwritten to {out}")
 
 
