@@ -24,11 +24,13 @@ from router.ranks import RankNotJoined
 from router.vllm_compat import EngineClientError, EngineDeadError, EngineSamplingParams
 
 
-class FailingRank(StandInRank):
-    """A rank that yields one delta, then raises `error`."""
+class ScriptedRank(StandInRank):
+    """A rank that notes the priority of each request it is given and, with
+    an `error`, yields one delta and then raises it."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception | None = None) -> None:
         self.error = error
+        self.priorities: list[int] = []
 
     async def generate(
         self,
@@ -39,30 +41,19 @@ class FailingRank(StandInRank):
         priority: int,
         trace_headers: Mapping[str, str] | None,
     ) -> AsyncIterator[EngineDelta]:
+        self.priorities.append(priority)
+        if self.error is None:
+            deltas = super().generate(
+                request_id, prompt_token_ids, params, rank, priority, trace_headers
+            )
+            async for delta in deltas:
+                yield delta
+            return
         yield EngineDelta(
             index=0, text="x", token_ids=[7], logprobs=[], finish_reason=None,
             stop_reason="", finished=False, cached_tokens=0,
         )  # fmt: skip
         raise self.error
-
-
-class RecordingRank(StandInRank):
-    """A rank that notes the priority of each request it is given."""
-
-    def __init__(self) -> None:
-        self.priorities: list[int] = []
-
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
-    ) -> AsyncIterator[EngineDelta]:
-        self.priorities.append(priority)
-        return super().generate(request_id, prompt_token_ids, params, rank, priority, trace_headers)
 
 
 def dispatcher_over(pool: StandInRank) -> Dispatcher:
@@ -86,7 +77,7 @@ ERRORS: list[tuple[Exception, grpc.StatusCode, str]] = [
 async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
     error: Exception, code: grpc.StatusCode, message: str
 ) -> None:
-    dispatcher = dispatcher_over(FailingRank(error))
+    dispatcher = dispatcher_over(ScriptedRank(error))
     request = generate_pb2.GenerateRequest(
         prompt="hello", sampling=generate_pb2.SamplingParams(max_tokens=8)
     )
@@ -114,7 +105,7 @@ async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
 
 
 async def test_the_request_priority_reaches_the_rank() -> None:
-    pool = RecordingRank()
+    pool = ScriptedRank()
     dispatcher = dispatcher_over(pool)
     for priority in (0, -3, 7):
         request = generate_pb2.GenerateRequest(
