@@ -7,6 +7,8 @@ its outcome.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -23,7 +25,7 @@ from router.dispatcher import Dispatcher, Job
 from router.engine_types import EngineDelta, EngineTokenLogprob
 from router.errors import RequestError
 from router.health import RouterHealth
-from router.ledger import Outcome, RankLoad, RankState
+from router.ledger import RankLoad, RankState
 from router.tracing import RequestTrace
 from router.validation import RANK_METADATA_KEY
 
@@ -83,6 +85,14 @@ class _Outcome:
     cached_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
     fields: dict[str, object] = field(default_factory=dict)
+    headers: asyncio.Future[None] | None = None  # the response headers, while they are sent
+
+    async def headers_sent(self) -> None:
+        """Returns once the response headers are out: every later message,
+        and the status, must follow them."""
+        if (headers := self.headers) is not None:
+            self.headers = None
+            await headers
 
 
 def _logprobs(items: list[EngineTokenLogprob]) -> list[generate_pb2.TokenLogprob]:
@@ -189,6 +199,8 @@ class _Rpc:
                 # Ends the job now, not when the stream is collected: its
                 # release and its attempt's span come before the RPC's end.
                 await outcome.deltas.aclose()
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # a gone client
+                await outcome.headers_sent()
             job = outcome.job
             if job is not None:  # the rank that served it: a retry moves it after the headers
                 context.set_trailing_metadata(
@@ -221,8 +233,11 @@ class _Rpc:
         trace: RequestTrace,
         outcome: _Outcome,
     ) -> tuple[Job, AsyncGenerator[EngineDelta, None]]:
-        """Checks and routes the request, sends the response metadata and
-        returns the engine's stream."""
+        """Checks and routes the request, starts sending the response headers
+        and returns the engine's stream. The headers go out while the engine
+        starts on the request (awaiting them first added a round trip through
+        gRPC's completion queue to the time to first token); the caller
+        awaits `outcome.headers_sent()` before its first response."""
         job = outcome.job = self.dispatcher.prepare(
             request, _metadata(context), trace, context.time_remaining()
         )
@@ -230,11 +245,7 @@ class _Rpc:
         metadata = [*_route_metadata(job), ("x-request-id", job.request_id)]
         if (trace_id := trace.trace_id) is not None:
             metadata.append((TRACE_ID_METADATA_KEY, trace_id))
-        try:
-            await context.send_initial_metadata(metadata)
-        except BaseException:
-            self.dispatcher.release(job, Outcome.CANCELLED)
-            raise
+        outcome.headers = asyncio.ensure_future(context.send_initial_metadata(metadata))
         outcome.deltas = self.dispatcher.run(job, context.time_remaining())
         return job, outcome.deltas
 
@@ -265,6 +276,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                         stop_reason=delta.stop_reason,
                     )
                     if first:
+                        await outcome.headers_sent()
                         response.data_parallel_rank = job.rank
                         response.request_id = job.request_id
                         first = False
@@ -296,6 +308,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                             delta.finish_reason, generate_pb2.FINISH_REASON_UNSPECIFIED
                         )
                         choice.stop_reason = delta.stop_reason
+                await outcome.headers_sent()
                 return generate_pb2.CompleteResponse(
                     choices=[choices[i] for i in sorted(choices)],
                     usage=_usage(outcome),

@@ -100,48 +100,63 @@ if TYPE_CHECKING:  # generic only in the type stubs
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns unparsable requests into INVALID_ARGUMENT naming the bad field."""
 
+    def __init__(self) -> None:
+        # Per method, its handler with our parsing: built at the method's
+        # first call, not at every call. Last in the chain, this interceptor
+        # always receives the registered handler, so one per method.
+        self._handlers: dict[str, Handler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        input_type = _input_type(handler_call_details.method)
+        method: str = handler_call_details.method
+        if (checked := self._handlers.get(method)) is not None:
+            return checked
+        input_type = _input_type(method)
         if handler is None or input_type is None or handler.request_deserializer is None:
             return handler
-        parse = handler.request_deserializer
-        message: Descriptor = input_type
+        checked = self._handlers[method] = _checking(handler, input_type)
+        return checked
 
-        def deserialize(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except DecodeError:
-                field = bad_field(data, message)
-                if field is None or field == "request":
-                    return _Malformed("request: not a valid protobuf message")
-                return _Malformed(f"{field}: not valid UTF-8")
 
-        if handler.unary_unary is not None:
-            unary: Any = handler.unary_unary  # an async servicer method here
+def _checking(handler: Handler, message: Descriptor) -> Handler:
+    """`handler`, answering INVALID_ARGUMENT to a request that does not parse."""
+    parse = handler.request_deserializer
+    assert parse is not None
 
-            async def unary_behavior(request: Any, context: Context) -> Any:
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-                return await unary(request, context)
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            field = bad_field(data, message)
+            if field is None or field == "request":
+                return _Malformed("request: not a valid protobuf message")
+            return _Malformed(f"{field}: not valid UTF-8")
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behavior, deserialize, handler.response_serializer
-            )
-        if handler.unary_stream is not None:
-            stream: Any = handler.unary_stream  # an async generator here
+    if handler.unary_unary is not None:
+        unary: Any = handler.unary_unary  # an async servicer method here
 
-            async def stream_behavior(request: Any, context: Context) -> Any:
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
-                async for response in stream(request, context):
-                    yield response
+        async def unary_behavior(request: Any, context: Context) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+            return await unary(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behavior, deserialize, handler.response_serializer
-            )
-        return handler
+        return grpc.unary_unary_rpc_method_handler(
+            unary_behavior, deserialize, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        stream: Any = handler.unary_stream  # an async generator here
+
+        async def stream_behavior(request: Any, context: Context) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+            async for response in stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream_behavior, deserialize, handler.response_serializer
+        )
+    return handler
