@@ -174,6 +174,32 @@ async def test_a_hot_session_spills_to_the_other_rank_past_the_load_bound(
     assert [s.within_load_bound for s in explained.scores] == [True, True]
 
 
+async def test_list_ranks_shows_what_each_engine_reports(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
+) -> None:
+    """The engine's own running count (sent with its outputs), not only the
+    router's in-flight count, reaches the loads the policies score."""
+    streams = [
+        generate.Generate(request(f"counted {i}", max_tokens=2000, data_parallel_rank=1))
+        for i in range(2)
+    ]
+    try:
+        for stream in streams:
+            assert isinstance(await stream.read(), generate_pb2.GenerateResponse)
+        await streams[0].read()  # a step after both have started
+        listed = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
+        busy = listed.ranks[1]
+        assert (busy.in_flight, busy.running, busy.waiting) == (2, 2, 0)
+        assert busy.kv_cache_usage > 0
+    finally:
+        for stream in streams:
+            stream.cancel()
+    await wait_for_idle_engines(ranks, timeout=30)
+    idle = (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks[1]
+    assert (idle.in_flight, idle.running, idle.waiting) == (0, 0, 0)
+
+
 async def test_drain_and_resume_a_rank(
     channel: grpc.aio.Channel,
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
