@@ -165,7 +165,7 @@ def _watch_output_batches(
 ) -> None:
     """Notes when each engine last sent outputs and the scheduler counts it
     sent with them, and makes vLLM's two output loops let other tasks run
-    after each message.
+    between messages.
 
     The time an output batch was read is the watchdog's proof that an engine
     with work makes progress, whether or not the request handlers keep up
