@@ -28,7 +28,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
-from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.loggers import PrometheusStatLogger
 from zmq.utils.monitor import parse_monitor_message
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
@@ -139,12 +139,17 @@ def _engine_logprobs(position_logprobs: Any, token_ids: Sequence[int]) -> list[E
     return result
 
 
-class _RequestStats(StatLoggerBase):
+class _RequestStats(PrometheusStatLogger):
     """Records nothing: its presence makes vLLM keep per-request stats, which
     its request span (tracing) is built from. Without tracing the router goes
-    without them: they took about 5 % of its CPU at 64 streams (py-spy)."""
+    without them: they took about 5 % of its CPU at 64 streams (py-spy).
 
-    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+    It poses as vLLM's Prometheus logger so that vLLM adds no real one: that
+    one re-creates its metrics in the process's global registry, and two
+    clients made at once (independent ranks joining together) raced there:
+    DuplicateTimeseries, and a rank that never joined (CI, 2026-11-26)."""
+
+    def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
         pass
 
     def record(
@@ -152,8 +157,14 @@ class _RequestStats(StatLoggerBase):
         scheduler_stats: Any,
         iteration_stats: Any,
         mm_cache_stats: Any = None,
-        engine_idx: int = 0,
+        engine_idx: int | None = None,
     ) -> None:
+        pass
+
+    def record_admission_rejection(self, reason: str) -> None:
+        pass
+
+    def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
         pass
 
     def log_engine_initialized(self) -> None:
@@ -278,12 +289,10 @@ class EngineClient:
         args = AsyncEngineArgs.from_cli_args(engine_args)
         if not in_process:
             args.data_parallel_size_local = 0
-        # Not vLLM's default stat loggers: they record every step into its
-        # log and into the process's global Prometheus registry, which the
-        # router does not serve, and two clients made at once (independent
-        # ranks joining together) raced on that registry: DuplicateTimeseries,
-        # and a rank that never joined. The counts the router routes on come
-        # with the engines' outputs (the rank servers' engines keep stats).
+        # None of vLLM's stat loggers: they record every step into its log and
+        # into a Prometheus registry the router does not serve. The counts the
+        # router routes on come with the engines' outputs (the rank servers'
+        # engines keep stats).
         args.disable_log_stats = True
         tracing = args.otlp_traces_endpoint is not None
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[_RequestStats] if tracing else None)

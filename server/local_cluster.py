@@ -213,21 +213,29 @@ class LocalCluster:
         if a process died."""
         names = ["", *(f"rank/{rank}" for rank in range(self.spec.ranks))]
         deadline = time.monotonic() + timeout
+        waiting = names
         with self.spec.channel() as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self.check_alive()
                 try:
-                    if all(
-                        health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status
-                        == health_pb2.HealthCheckResponse.SERVING
-                        for name in names
-                    ):
+                    waiting = _not_serving(health, names)
+                    if not waiting:
                         return
                 except grpc.RpcError:
                     pass
                 time.sleep(0.5)
-        raise TimeoutError(f"the router and its ranks were not SERVING after {timeout:.0f} s")
+        raise TimeoutError(
+            f"not SERVING after {timeout:.0f} s: {waiting} ('' is the router)"
+            + self._router_log_tail()
+        )
+
+    def _router_log_tail(self, lines: int = 30) -> str:
+        """The end of the router's log, for an error message (CI shows no files)."""
+        if self.spec.log_dir is None or not (path := self.spec.log_dir / "router.log").exists():
+            return ""
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        return "\nthe router's log ends:\n" + "\n".join(tail)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to every process group (router first), SIGKILL to what remains.
@@ -250,6 +258,15 @@ class LocalCluster:
             _signal_group(proc, signal.SIGKILL)  # engine processes left in the group
         for out in self._logs:
             out.close()
+
+
+def _not_serving(health: health_pb2_grpc.HealthStub, names: Sequence[str]) -> list[str]:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    return [
+        name
+        for name in names
+        if health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status != serving
+    ]
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
