@@ -10,12 +10,14 @@ import sys
 import uuid
 
 import grpc
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
 from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster, cpu_engine_env
 from tests.conftest import ROOT, TINY_MAX_MODEL_LEN, TINY_MODEL
+from tests.test_detokenizer import deltas, stepped_in
 
 PROMPTS = [
     "The capital of France is",
@@ -111,6 +113,26 @@ async def test_text_deltas_hold_back_split_utf8(
             split_chars += sum("\ufffd" in p for p in pieces)
     # The tiny model's vocabulary has partial UTF-8 tokens; greedy output uses them.
     assert split_chars > 0
+
+
+async def test_a_prompt_cut_mid_character_is_not_repeated_in_the_text(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    """Token ids that end inside a character: the first delta finishes that
+    character; vLLM's own priming sent the whole prompt's text with it."""
+    tokenizer = Tokenizer.from_file(str(TINY_MODEL / "tokenizer.json"))
+    ids = tokenizer.encode("Hello world, a pepper: 🌶", add_special_tokens=False).ids
+    prompt = ids[:-1]
+    assert tokenizer.decode(prompt).endswith("\ufffd")
+    request = generate_pb2.GenerateRequest(
+        prompt_token_ids=prompt, sampling=greedy_request("x", max_tokens=16).sampling
+    )
+    responses = await collect(generate, request)
+    reference = stepped_in(tokenizer, prompt, skip=True)
+    want = "".join(deltas(reference, tokenizer, token_ids(responses)))
+    text = "".join(r.text for r in responses)
+    assert text == want
+    assert "pepper" not in text
 
 
 async def test_prompt_token_ids_and_chat_messages(
