@@ -1,9 +1,10 @@
 """Bounded queues and deadline admission, on a cluster of their own whose
 engines run two requests at once and whose ranks hold two more (a bound of
 four requests per rank, eight in all), so the bounds are reached with a few
-requests. The cluster runs the coupled topology (one engine client for both
-ranks), so that the module's last test can kill one of its engines: the
-coupled group must then fail fast instead of hanging."""
+requests. Its engines run vLLM's priority scheduling, so that a request's
+priority can be seen to reach them. The cluster runs the coupled topology
+(one engine client for both ranks), so that the module's last test can kill
+one of its engines: the coupled group must then fail fast instead of hanging."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
-from tests.conftest import LONG_TOKENS, tiny_spec, wait_for_idle_engines
+from tests.conftest import LONG_TOKENS, engine_counts, tiny_spec, wait_for_idle_engines
 from tests.test_failover import CUT_BOUND_S
 
 RUNNING, QUEUED = 2, 2
+PRIORITY_SCHEDULING = ["--scheduling-policy", "priority"]
 BOUND = RUNNING + QUEUED
 
 
@@ -33,7 +35,7 @@ def small_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     spec = tiny_spec(
         "backpressure",
         tmp_path_factory,
-        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(RUNNING)],
+        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(RUNNING), *PRIORITY_SCHEDULING],
         router_flags=["--grace-period", "5", "--max-queue-per-rank", str(QUEUED)],
         topology="coupled",
     )
@@ -60,10 +62,13 @@ async def stubs(small_cluster: LocalCluster) -> AsyncIterator[Stubs]:
         await wait_for_idle_engines(ranks_pb2_grpc.RanksServiceStub(channel), timeout=30)
 
 
-def request(tokens: int, rank: int | None = None) -> generate_pb2.GenerateRequest:
+def request(
+    tokens: int, rank: int | None = None, priority: int = 0
+) -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(
         prompt="Count the sheep",
         data_parallel_rank=rank,
+        priority=priority,
         sampling=generate_pb2.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
     )
 
@@ -207,6 +212,46 @@ async def test_load_at_eight_times_the_bound_loses_nothing(
     assert refusals, "the load never reached the bound"
     assert all(0 < delay <= 30 for delay in refusals)
     assert sizes[1] - sizes[0] < 50, sizes
+
+
+async def wait_for_rank_0(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub, waiting: int, running: int
+) -> None:
+    """Until rank 0's engine reports these counts."""
+    for _ in range(200):
+        _, *counts = (await engine_counts(ranks))[0]
+        if counts == [waiting, running]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"rank 0 never had {waiting} waiting, {running} running: {counts}")
+
+
+async def test_a_request_of_higher_priority_starts_before_an_earlier_one(stubs: Stubs) -> None:
+    """Both slots busy, a request of priority 5 waits, then one of priority -5
+    (lower runs first). The first slot to free goes to the second: first
+    come, first served, as when the priority is lost, would give it to the first."""
+    generate, ranks, _ = stubs
+    busy = [generate.Generate(request(tokens, rank=0)) for tokens in (300, 1500)]
+    await wait_for_rank_0(ranks, waiting=0, running=2)
+    low = generate.Generate(request(8, rank=0, priority=5))
+    await wait_for_rank_0(ranks, waiting=1, running=2)
+    high = generate.Generate(request(8, rank=0, priority=-5))
+    await wait_for_rank_0(ranks, waiting=2, running=2)
+    started: dict[str, float] = {}
+
+    async def first_token(
+        name: str,
+        call: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
+    ) -> None:
+        async for response in call:
+            if response.token_ids:
+                started.setdefault(name, time.monotonic())
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(
+            first_token("low", low), first_token("high", high), *map(outcome, busy)
+        )
+    assert started["high"] < started["low"], started
 
 
 async def test_a_killed_engine_of_the_coupled_group_fails_fast(
