@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
 from server.local_cluster import (
@@ -34,6 +33,7 @@ from server.local_cluster import (
     cpu_engine_env,
     free_port,
     free_ports,
+    not_serving,
     stop_group,
 )
 
@@ -101,15 +101,7 @@ def wait_ready(
 
 def serving(channel: grpc.Channel, service: str) -> Callable[[], bool]:
     """Whether the server's standard Health says SERVING for `service`."""
-    health = health_pb2_grpc.HealthStub(channel)
-
-    def ready() -> bool:
-        request = health_pb2.HealthCheckRequest(service=service)
-        return bool(
-            health.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING
-        )
-
-    return ready
+    return lambda: not not_serving(channel, [service])
 
 
 @contextlib.contextmanager

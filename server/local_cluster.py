@@ -215,11 +215,10 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         waiting = names
         with self.spec.channel() as channel:
-            health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self.check_alive()
                 try:
-                    waiting = _not_serving(health, names)
+                    waiting = not_serving(channel, names)
                     if not waiting:
                         return
                 except grpc.RpcError:
@@ -260,7 +259,9 @@ class LocalCluster:
             out.close()
 
 
-def _not_serving(health: health_pb2_grpc.HealthStub, names: Sequence[str]) -> list[str]:
+def not_serving(channel: grpc.Channel, names: Sequence[str]) -> list[str]:
+    """Those of `names` the server's standard Health does not call SERVING."""
+    health = health_pb2_grpc.HealthStub(channel)
     serving = health_pb2.HealthCheckResponse.SERVING
     return [
         name

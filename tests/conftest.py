@@ -7,7 +7,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -142,10 +142,30 @@ def ranks(channel: grpc.aio.Channel) -> ranks_pb2_grpc.RanksServiceAsyncStub:
     return ranks_pb2_grpc.RanksServiceStub(channel)
 
 
-async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[tuple[int, int, int]]:
+Counts = list[tuple[int, int, int]]  # per rank: (in flight, waiting, running)
+
+
+async def engine_counts(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> Counts:
     """Per rank: (router in-flight, engine waiting, engine running)."""
     reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
     return [(r.in_flight, r.waiting, r.running) for r in reply.ranks]
+
+
+async def wait_for_counts(
+    ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
+    reached: Callable[[Counts], bool],
+    what: str,
+    timeout: float,
+) -> None:
+    """Polls `engine_counts` until `reached` holds; fails naming `what`."""
+    start = time.monotonic()
+    while True:
+        counts = await engine_counts(ranks)
+        if reached(counts):
+            return
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not reached after {timeout} s: {counts}")
+        await asyncio.sleep(0.05)
 
 
 async def wait_for_idle_engines(
@@ -154,10 +174,8 @@ async def wait_for_idle_engines(
     """Waits until every engine reports no waiting or running request and the
     router has none in flight. An engine reports as it steps; while its last
     report shows requests, the router's probes make it step every second."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        counts = await engine_counts(ranks)
-        if not any(flight + waiting + running for flight, waiting, running in counts):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"engines not idle after {timeout} s: {counts}")
+
+    def idle(counts: Counts) -> bool:
+        return not any(flight + waiting + running for flight, waiting, running in counts)
+
+    await wait_for_counts(ranks, idle, "idle engines", timeout)

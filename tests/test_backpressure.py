@@ -22,7 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
-from tests.conftest import LONG_TOKENS, engine_counts, tiny_spec, wait_for_idle_engines
+from tests.conftest import (
+    LONG_TOKENS,
+    engine_counts,
+    tiny_spec,
+    wait_for_counts,
+    wait_for_idle_engines,
+)
 from tests.test_failover import CUT_BOUND_S
 
 RUNNING, QUEUED = 2, 2
@@ -93,11 +99,6 @@ async def outcome(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError | int:
     return tokens
 
 
-async def in_flight(ranks: ranks_pb2_grpc.RanksServiceAsyncStub) -> list[int]:
-    reply = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
-    return [r.in_flight for r in reply.ranks]
-
-
 async def fill(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub,
@@ -106,11 +107,10 @@ async def fill(
 ) -> list[grpc.aio.UnaryStreamCall]:  # type: ignore[type-arg]
     """`count` long requests pinned to `rank`, all counted on it."""
     calls = [generate.Generate(request(LONG_TOKENS, rank)) for _ in range(count)]
-    for _ in range(200):
-        if (await in_flight(ranks))[rank] == count:
-            return calls
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"rank {rank} never held {count} requests: {await in_flight(ranks)}")
+    await wait_for_counts(
+        ranks, lambda counts: counts[rank][0] == count, f"rank {rank} holding {count}", 10.0
+    )
+    return calls
 
 
 async def test_full_ranks_refuse_with_a_retry_delay(stubs: Stubs) -> None:
@@ -141,7 +141,7 @@ async def test_full_ranks_refuse_with_a_retry_delay(stubs: Stubs) -> None:
         # Full is busy, not broken.
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        assert await in_flight(ranks) == [BOUND, BOUND]
+        assert [flight for flight, _, _ in await engine_counts(ranks)] == [BOUND, BOUND]
     finally:
         for call in held:
             call.cancel()
@@ -218,12 +218,12 @@ async def wait_for_rank_0(
     ranks: ranks_pb2_grpc.RanksServiceAsyncStub, waiting: int, running: int
 ) -> None:
     """Until rank 0's engine reports these counts."""
-    for _ in range(200):
-        _, *counts = (await engine_counts(ranks))[0]
-        if counts == [waiting, running]:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"rank 0 never had {waiting} waiting, {running} running: {counts}")
+    await wait_for_counts(
+        ranks,
+        lambda counts: counts[0][1:] == (waiting, running),
+        f"rank 0 with {waiting} waiting and {running} running",
+        10.0,
+    )
 
 
 async def test_a_request_of_higher_priority_starts_before_an_earlier_one(stubs: Stubs) -> None:
