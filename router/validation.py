@@ -89,13 +89,18 @@ def _finite(field: str, value: float) -> float:
     return value
 
 
-def _check_tokens(field: str, ids: Sequence[int], limits: ModelLimits) -> None:
-    for i, token in enumerate(ids):
-        if token >= limits.vocab_size:
-            raise invalid_argument(
-                f"{field}[{i}]",
-                f"token id {token} is outside the vocabulary [0, {limits.vocab_size})",
-            )
+def _check_tokens(field: str, ids: Sequence[int], limits: ModelLimits) -> list[int]:
+    """The ids as a list, once each is known to be in the vocabulary. `max`
+    over a list, then a search only for a bad id: a Python loop over every
+    id cost 80 us at 1,024 tokens."""
+    ids = list(ids)
+    if ids and max(ids) >= limits.vocab_size:
+        i, token = next((i, t) for i, t in enumerate(ids) if t >= limits.vocab_size)
+        raise invalid_argument(
+            f"{field}[{i}]",
+            f"token id {token} is outside the vocabulary [0, {limits.vocab_size})",
+        )
+    return ids
 
 
 def _rank_pin(
@@ -144,8 +149,9 @@ def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Promp
     if request.prompt:
         return Prompt(request.prompt, None, None)
     if request.prompt_token_ids:
-        _check_tokens("prompt_token_ids", request.prompt_token_ids, limits)
-        return Prompt(None, list(request.prompt_token_ids), None)
+        return Prompt(
+            None, _check_tokens("prompt_token_ids", request.prompt_token_ids, limits), None
+        )
     for i, message in enumerate(request.messages):
         if not message.role:
             raise invalid_argument(f"messages[{i}].role", "must not be empty")
