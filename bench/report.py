@@ -8,6 +8,7 @@ Throughput is the median of the rounds, with their range beside it.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,13 +71,23 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _with_ratio(value: float | None, reference: float | None, digits: int) -> str:
-    if value is None:
+def _number(value: float | None, digits: int, sign: str = "") -> str:
+    """`value` to `digits` places; n/a when there is none (NaN: no samples,
+    as the gaps between tokens of one-token requests)."""
+    if value is None or math.isnan(value):
         return "n/a"
-    text = f"{value:,.{digits}f}"
-    if reference and value == value and reference == reference:  # not NaN
+    return f"{value:{sign},.{digits}f}"
+
+
+def _with_ratio(value: float | None, reference: float | None, digits: int) -> str:
+    text = _number(value, digits)
+    if value is not None and reference and not math.isnan(value) and not math.isnan(reference):
         text += f" ({value / reference:.2f}x)"
     return text
+
+
+def _below(value: float, target: float) -> str:
+    return "n/a" if math.isnan(value) else "yes" if value < target else "no"
 
 
 def systems_table(results: Results) -> str:
@@ -96,10 +107,10 @@ def systems_table(results: Results) -> str:
                 f"{low:,.0f}-{high:,.0f}",
                 _with_ratio(cell.requests_per_s, ref.requests_per_s if ref else None, 1),
                 _with_ratio(cell.ttft_ms[0], ref.ttft_ms[0] if ref else None, 1),
-                f"{cell.ttft_ms[1]:.1f}",
+                _number(cell.ttft_ms[1], 1),
                 _with_ratio(cell.ttft_ms[2], ref.ttft_ms[2] if ref else None, 1),
                 _with_ratio(cell.itl_ms[0], ref.itl_ms[0] if ref else None, 2),
-                f"{cell.itl_ms[1]:.2f}",
+                _number(cell.itl_ms[1], 2),
                 _with_ratio(cell.itl_ms[2], ref.itl_ms[2] if ref else None, 2),
                 _with_ratio(cell.cpu_us_per_token, ref.cpu_us_per_token if ref else None, 0),
                 f"{cell.requests}" + (f" ({cell.errors} failed)" if cell.errors else ""),
@@ -115,7 +126,7 @@ def systems_table(results: Results) -> str:
 def overhead_table(results: Results, floor: str, levels: Sequence[int]) -> str:
     """dprouter minus the in-process floor, against the issue's targets."""
     rows = []
-    for concurrency in levels:
+    for concurrency in sorted(set(levels)):  # one row when the run had one concurrency
         runs, floor_runs = results.get(REFERENCE, {}), results.get(floor, {})
         if concurrency not in runs or concurrency not in floor_runs:
             continue
@@ -123,9 +134,10 @@ def overhead_table(results: Results, floor: str, levels: Sequence[int]) -> str:
         ttft = ours.ttft_ms[0] - base.ttft_ms[0]
         itl = ours.itl_ms[0] - base.itl_ms[0]
         rows.append([
-            concurrency, f"{ttft:+.2f}", "yes" if ttft < 1 else "no",
-            f"{itl:+.3f}", "yes" if itl < 0.3 else "no",
-            f"{ours.ttft_ms[2] - base.ttft_ms[2]:+.1f}", f"{ours.itl_ms[2] - base.itl_ms[2]:+.2f}",
+            concurrency, _number(ttft, 2, "+"), _below(ttft, 1),
+            _number(itl, 3, "+"), _below(itl, 0.3),
+            _number(ours.ttft_ms[2] - base.ttft_ms[2], 1, "+"),
+            _number(ours.itl_ms[2] - base.itl_ms[2], 2, "+"),
         ])  # fmt: skip
     return table(
         ["concurrency", "TTFT p50 added ms", "< 1 ms", "ITL p50 added ms", "< 0.3 ms",

@@ -4,8 +4,8 @@ counted and timed, so bench.compare's numbers rest on complete streams."""
 from __future__ import annotations
 
 from bench.clients import DprouterGrpc, closed_loop
-from bench.report import Cell
-from bench.workload import Shape, requests
+from bench.report import Cell, overhead_table, systems_table
+from bench.workload import Run, Shape, Timing, requests
 from server.local_cluster import LocalCluster
 
 
@@ -22,3 +22,21 @@ async def test_driver_counts_every_token(cluster: LocalCluster) -> None:
     assert cell.requests == 4
     assert cell.tokens_per_s > 0
     assert 0 < cell.ttft_ms[0] <= cell.ttft_ms[2]
+
+
+def one_token_run(ttft_s: float) -> Run:
+    """Ten one-token requests, each `ttft_s` after it was sent."""
+    return Run(1, 1.0, [Timing(0.0, [ttft_s], [1]) for _ in range(10)], front_end_cpu_s=0.01)
+
+
+def test_one_token_requests_report_no_inter_token_latency() -> None:
+    """One-token requests have no gaps between tokens: the tables say n/a,
+    not nan, and a run at one concurrency gives one overhead row."""
+    results = {"dprouter": {1: [one_token_run(0.005)]}, "inprocess": {1: [one_token_run(0.003)]}}
+    overhead = overhead_table(results, "inprocess", [1, 1]).splitlines()
+    assert overhead[2:] == ["| 1 | +2.00 | no | n/a | n/a | +2.0 | n/a |"]
+    rows = systems_table(results).splitlines()[2:]
+    assert len(rows) == 2
+    assert all("nan" not in row for row in rows)
+    # ITL p50, p90 and p99 (columns 9-11 of 13) have no samples.
+    assert [row.split(" | ")[8:11] for row in rows] == [["n/a"] * 3] * 2
