@@ -135,12 +135,7 @@ class Membership:
             self._attach(IndependentRanks(self._ranks, rank, client), ledger)
         else:
             assert isinstance(pool, IndependentRanks)
-            try:
-                pool.join(rank, client)
-            except ValueError:
-                log.exception("rank refused", extra={"rank": rank})
-                client.shutdown()
-                return
+            pool.join(rank, client)
             self._dispatcher.ledger.set_healthy(rank, True)
         log.info("rank joined", extra={"rank": rank})
         update = asyncio.ensure_future(self._health.update(self._dispatcher.loads()))

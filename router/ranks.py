@@ -163,9 +163,10 @@ class IndependentRanks:
         self.shared_connection = False
 
     def join(self, rank: int, client: EngineClient) -> None:
-        """Adds a rank's client; it must serve the same model as the others."""
-        if _limits(client, len(self._clients)) != self.limits:
-            raise ValueError(f"rank {rank} serves a different model: {_limits(client, 1)}")
+        """Adds a rank's client. Its model limits are the router's own (every
+        client is built from the router's flags): vLLM's handshake does not
+        say which model a rank serves, so a rank started with another model
+        is not detected here."""
         self._clients[rank] = client
 
     def leave(self, rank: int) -> EngineClient | None:
