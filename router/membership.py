@@ -8,7 +8,9 @@ joins all ranks at once. With independent ranks each rank has its own client
 on its own port (the base `--data-parallel-rpc-port` + the rank): the router
 serves as soon as one rank has joined, and a rank that failed is given a new
 client, which waits for the rank server to come back (vLLM's old client for
-a restarted engine stays stuck: measured).
+a restarted engine stays stuck: measured). So is a rank whose join failed (a
+rank server started with the wrong flags, or killed in its handshake), once
+the router serves or another rank is still joining.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from router.vllm_compat import EngineClient, rank_group_args
 
 log = logging.getLogger("dprouter")
 T = TypeVar("T")
+# After a rank's join fails: long enough for its port to be free again.
+JOIN_RETRY_S = 1.0
 
 
 async def start_client(engine_args: argparse.Namespace) -> EngineClient:
@@ -74,6 +78,8 @@ class Membership:
         self._ranks = config.data_parallel_size
         self._joining: dict[int, asyncio.Future[EngineClient]] = {}
         self._updates: set[asyncio.Future[None]] = set()
+        self._retries: dict[int, asyncio.TimerHandle] = {}  # by rank: its next join
+        self._closed = False
         self.first_join: asyncio.Future[RankPool] = asyncio.get_running_loop().create_future()
 
     @property
@@ -111,6 +117,8 @@ class Membership:
         self.first_join.set_result(pool)
 
     def _join(self, rank: int) -> None:
+        if rank in self._joining or self._closed:  # a retry and a replacement can meet
+            return
         port = self._config.engine_args.data_parallel_rpc_port + rank
         args = rank_group_args(self._config.engine_args, port)
         log.info("waiting for a rank to join", extra={"rank": rank, "port": port})
@@ -123,9 +131,19 @@ class Membership:
         if joining.cancelled():  # the router is stopping
             return
         if (error := joining.exception()) is not None:
-            log.error("rank could not join", extra={"rank": rank}, exc_info=error)
             if not self.first_join.done() and not self._joining:
-                self.first_join.set_exception(error)
+                log.error("rank could not join", extra={"rank": rank}, exc_info=error)
+                self.first_join.set_exception(error)  # no rank to serve with: the router exits
+                return
+            # A rank server that started wrong (or died in its handshake) is
+            # waited for again: the operator restarts it, it joins.
+            log.error(
+                "rank could not join; waiting for it again",
+                extra={"rank": rank, "retry_s": JOIN_RETRY_S},
+                exc_info=error,
+            )
+            loop = asyncio.get_running_loop()
+            self._retries[rank] = loop.call_later(JOIN_RETRY_S, self._join, rank)
             return
         client = joining.result()
         pool = self._dispatcher.pool
@@ -155,5 +173,8 @@ class Membership:
         return True
 
     def close(self) -> None:
+        self._closed = True
+        for retry in self._retries.values():
+            retry.cancel()
         if (pool := self._dispatcher.pool) is not None:
             pool.close()

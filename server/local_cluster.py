@@ -155,12 +155,15 @@ class LocalCluster:
             start_new_session=True,
         )
 
-    def _spawn_rank(self, rank: int, name: str) -> subprocess.Popen[bytes]:
+    def _spawn_rank(
+        self, rank: int, name: str, flags: Sequence[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         env = cpu_engine_env(self.spec.ranks)
         netns = self.spec.rank_netns.get(rank)
         # `ip netns exec` execs the command: the process is still the rank server.
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        return self._spawn(name, ["-m", "server", *self.spec.rank_flags(rank)], env, prefix)
+        flags = self.spec.rank_flags(rank) if flags is None else flags
+        return self._spawn(name, ["-m", "server", *flags], env, prefix)
 
     def start(self) -> None:
         spec = self.spec
@@ -184,12 +187,14 @@ class LocalCluster:
         finally:
             self.stop()
 
-    def restart_rank(self, rank: int) -> None:
-        """Stops a rank server (if it still runs) and starts it again."""
+    def restart_rank(self, rank: int, flags: Sequence[str] | None = None) -> None:
+        """Stops a rank server (if it still runs) and starts it again, with
+        `flags` instead of its own if given."""
         old = self.ranks[rank]
         _signal_group(old, signal.SIGKILL)
         old.wait()
-        self.ranks[rank] = self._spawn_rank(rank, f"rank{rank}-restarted")
+        name = f"rank{rank}-restarted" if flags is None else f"rank{rank}-flags-given"
+        self.ranks[rank] = self._spawn_rank(rank, name, flags)
 
     def engine_process(self, rank: int) -> psutil.Process:
         """The rank's vLLM engine-core process (a child of its rank server)."""

@@ -270,6 +270,37 @@ async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
           f"restarted rank rejoined after {rejoined:.1f} s")  # fmt: skip
 
 
+async def test_a_rank_whose_join_fails_is_waited_for_again(
+    broken_cluster: LocalCluster,
+    stubs: Stubs,
+) -> None:
+    """Rank 1 restarted with another rank's flags (-dp 2 -dpr 1 where its group
+    has one rank): the router, which found it dead and waits for it, fails
+    that handshake. Restarted with its own flags, it joins all the same."""
+    generate, _, health = stubs
+    await wait_health(health, "rank/1", SERVING, timeout=180)
+    assert broken_cluster.spec.log_dir is not None
+    router_log = broken_cluster.spec.log_dir / "router.log"
+
+    def failed_joins() -> int:
+        return router_log.read_text(errors="replace").count("rank could not join")
+
+    before = failed_joins()
+    wrong = list(broken_cluster.spec.rank_flags(1))
+    wrong[wrong.index("-dp") + 1] = "2"
+    wrong[wrong.index("-dpr") + 1] = "1"
+    broken_cluster.restart_rank(1, wrong)
+    await wait_health(health, "rank/1", NOT_SERVING, timeout=CUT_BOUND_S)
+    async with asyncio.timeout(120):
+        while failed_joins() == before:
+            await asyncio.sleep(0.5)
+    assert "unexpected data parallel rank: 1" in router_log.read_text(errors="replace")
+    broken_cluster.restart_rank(1)
+    await wait_health(health, "rank/1", SERVING, timeout=180)
+    _, metadata = await routed(generate, request("after a failed join", data_parallel_rank=1))
+    assert route_of(metadata)[0] == 1
+
+
 async def test_a_partitioned_rank_is_detected_failed_over_and_readmitted(
     far_rank: OtherHost,
     stubs: Stubs,
