@@ -304,12 +304,13 @@ def model_sections(
 ) -> list[str]:
     """The model's tables (systems, overhead, scaling) and its plot."""
     compared = {k: v for k, v in results.items() if k != SCALED}
-    overhead = report.overhead_table(compared, FLOOR, [1, max(args.concurrency)])
     sections = [
         f"### {name} ({MODELS[name].name}), {args.ranks} rank(s)\n\n"
         f"{report.systems_table(compared)}\n",
-        f"Router overhead over the in-process floor ({name}):\n\n{overhead}\n",
     ]
+    if FLOOR in compared and report.REFERENCE in compared:  # else the table has no rows
+        overhead = report.overhead_table(compared, FLOOR, [1, max(args.concurrency)])
+        sections.append(f"Router overhead over the in-process floor ({name}):\n\n{overhead}\n")
     if SCALED in results:
         high = [c for c in args.concurrency if c >= 32] or [max(args.concurrency)]
         scaled = {k: {c: results[k][c] for c in high} for k in ("dprouter", SCALED) if k in results}

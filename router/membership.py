@@ -78,8 +78,7 @@ class Membership:
         self._ranks = config.data_parallel_size
         self._joining: dict[int, asyncio.Future[EngineClient]] = {}
         self._updates: set[asyncio.Future[None]] = set()
-        self._retries: dict[int, asyncio.TimerHandle] = {}  # by rank: its next join
-        self._closed = False
+        self._closed = False  # a join retried after `close` does not start
         self.first_join: asyncio.Future[RankPool] = asyncio.get_running_loop().create_future()
 
     @property
@@ -142,8 +141,7 @@ class Membership:
                 extra={"rank": rank, "retry_s": JOIN_RETRY_S},
                 exc_info=error,
             )
-            loop = asyncio.get_running_loop()
-            self._retries[rank] = loop.call_later(JOIN_RETRY_S, self._join, rank)
+            asyncio.get_running_loop().call_later(JOIN_RETRY_S, self._join, rank)
             return
         client = joining.result()
         pool = self._dispatcher.pool
@@ -174,7 +172,5 @@ class Membership:
 
     def close(self) -> None:
         self._closed = True
-        for retry in self._retries.values():
-            retry.cancel()
         if (pool := self._dispatcher.pool) is not None:
             pool.close()
