@@ -3,7 +3,8 @@
 Every driver sends the same `Request` (token ids, exact greedy length) and
 timestamps each streamed message that carries tokens:
 - `DprouterGrpc`: dprouter's GenerateService over grpc.aio (raw stubs: the
-  SDK's retries and deadlines are not what is measured);
+  SDK's retries and deadlines are not what is measured), with text or, like
+  vLLM's gRPC server, token ids only (`detokenize` false);
 - `VllmGrpc`: vLLM's own gRPC server (`smg-grpc-servicer`'s VllmEngine API;
   it does not detokenize, the gateway in front of it does);
 - `VllmHttp`: vLLM's OpenAI-compatible server, /v1/completions with SSE
@@ -39,15 +40,19 @@ class Driver(Protocol):
 
 
 class DprouterGrpc:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, detokenize: bool = True) -> None:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = generate_pb2_grpc.GenerateServiceStub(self._channel)
+        self._detokenize = detokenize
 
     async def send(self, request: Request) -> Timing:
         message = generate_pb2.GenerateRequest(
             prompt_token_ids=request.prompt,
             sampling=generate_pb2.SamplingParams(
-                max_tokens=request.max_tokens, temperature=0, ignore_eos=True
+                max_tokens=request.max_tokens,
+                temperature=0,
+                ignore_eos=True,
+                detokenize=self._detokenize,
             ),
         )
         timing = Timing(time.perf_counter())

@@ -55,6 +55,9 @@ SCALED = "dprouter, 2 ranks"
 # dprouter again, driven by the Go load client (make build/go/load).
 GO_CLIENT = "dprouter (Go client)"
 GO_LOAD = ROOT / "build" / "go" / "load"
+# dprouter again, asked for token ids only (detokenize false): what vLLM's
+# gRPC server returns, so this row compares like with like.
+TOKEN_IDS = "dprouter (token ids)"
 PYTHON_LOAD = [sys.executable, "-m", "bench.load"]
 
 
@@ -149,7 +152,8 @@ class Bench:
                 raise systems.Unavailable(f"{GO_LOAD} is not built (make build/go/load)")
             pin = ["taskset", "-c", str(self.args.load_core)]
             return LoadProcess([*pin, str(GO_LOAD)], [running.target], log)
-        argv = [system.split(",")[0], running.target, "--model", str(model)]
+        driver = "dprouter-ids" if system == TOKEN_IDS else system.split(",")[0]
+        argv = [driver, running.target, "--model", str(model)]
         return LoadProcess(PYTHON_LOAD, [*argv, "--pin", str(self.args.load_core)], log)
 
     @contextlib.contextmanager
@@ -175,7 +179,7 @@ class Bench:
                         stack.callback(floor.close)
                         loads[system] = (floor, floor.pid)
                         continue
-                    if system == GO_CLIENT:
+                    if system in (GO_CLIENT, TOKEN_IDS):
                         if "dprouter" not in started:
                             raise systems.Unavailable("it drives dprouter, which is not running")
                         running = started["dprouter"]
@@ -253,8 +257,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny model, concurrency 1 and 8, 1 round")  # fmt: skip
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--systems", nargs="+", default=[*NETWORK_SYSTEMS, GO_CLIENT, FLOOR],
-                        choices=[*NETWORK_SYSTEMS, GO_CLIENT, FLOOR])  # fmt: skip
+    every = [*NETWORK_SYSTEMS, TOKEN_IDS, GO_CLIENT, FLOOR]
+    parser.add_argument("--systems", nargs="+", default=every, choices=every)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests-per-stream", type=int, default=4,

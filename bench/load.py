@@ -24,12 +24,12 @@ from bench.workload import Request
 from router.membership import in_daemon_thread
 from router.vllm_compat import EngineClient, add_engine_args, new_flexible_parser
 
-SYSTEMS = ("dprouter", "vllm-grpc", "vllm-http", "inprocess")
+SYSTEMS = ("dprouter", "dprouter-ids", "vllm-grpc", "vllm-http", "inprocess")
 
 
 async def open_driver(system: str, target: str, model: str, engine_argv: list[str]) -> Driver:
-    if system == "dprouter":
-        return DprouterGrpc(target)
+    if system in ("dprouter", "dprouter-ids"):
+        return DprouterGrpc(target, detokenize=system == "dprouter")
     if system == "vllm-grpc":
         return VllmGrpc(target)
     if system == "vllm-http":

@@ -25,6 +25,7 @@ class Sampling:
     logprobs: int | None
     ignore_eos: bool
     skip_special_tokens: bool
+    detokenize: bool
 
     @classmethod
     def greedy(cls, max_tokens: int) -> Sampling:
@@ -33,7 +34,7 @@ class Sampling:
             max_tokens=max_tokens, min_tokens=0, temperature=0.0, top_p=1.0, top_k=0,
             min_p=0.0, seed=None, stop=[], stop_token_ids=[], presence_penalty=0.0,
             frequency_penalty=0.0, repetition_penalty=1.0, n=1, logprobs=None,
-            ignore_eos=True, skip_special_tokens=True,
+            ignore_eos=True, skip_special_tokens=True, detokenize=True,
         )  # fmt: skip
 
 

@@ -208,6 +208,10 @@ def _check_sampling(
     for i, stop in enumerate(s.stop):
         if not stop:
             raise invalid_argument(f"{field('stop')}[{i}]", "must not be empty")
+    if s.stop and s.HasField("detokenize") and not s.detokenize:
+        raise invalid_argument(
+            field("stop"), "stop strings are matched in the text, which detokenize=false leaves out"
+        )
     _check_tokens(field("stop_token_ids"), s.stop_token_ids, limits)
 
 
@@ -304,4 +308,5 @@ def engine_sampling(
         logprobs=s.logprobs if s.HasField("logprobs") else None,
         ignore_eos=s.ignore_eos,
         skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
+        detokenize=s.detokenize if s.HasField("detokenize") else True,
     )

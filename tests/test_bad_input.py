@@ -32,6 +32,7 @@ BAD_REQUESTS: list[tuple[str, generate_pb2.GenerateRequest, str]] = [
     ("n above one with greedy sampling (vLLM's own rule)", R(prompt="a", sampling=S(n=2, temperature=0)), "sampling"),
     ("too many logprobs", R(prompt="a", sampling=S(logprobs=21)), "sampling.logprobs"),
     ("empty stop string", R(prompt="a", sampling=S(stop=["x", ""])), "sampling.stop[1]"),
+    ("stop strings without the text", R(prompt="a", sampling=S(stop=["x"], detokenize=False)), "sampling.stop"),
     ("stop token outside vocab", R(prompt="a", sampling=S(stop_token_ids=[10**6])), "sampling.stop_token_ids[0]"),
     ("rank pin too high", R(prompt="a", data_parallel_rank=2), "data_parallel_rank"),
     ("negative rank pin", R(prompt="a", data_parallel_rank=-1), "data_parallel_rank"),

@@ -3,15 +3,18 @@ counted and timed, so bench.compare's numbers rest on complete streams."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.clients import DprouterGrpc, closed_loop
 from bench.report import Cell, overhead_table, systems_table
 from bench.workload import Run, Shape, Timing, requests
 from server.local_cluster import LocalCluster
 
 
-async def test_driver_counts_every_token(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("detokenize", [True, False])
+async def test_driver_counts_every_token(cluster: LocalCluster, detokenize: bool) -> None:
     batch = requests(seed=1, count=4, vocab_size=1000, shape=Shape((8, 16), (4, 8)))
-    driver = DprouterGrpc(cluster.spec.listen)
+    driver = DprouterGrpc(cluster.spec.listen, detokenize)
     try:
         run = await closed_loop(driver, batch, concurrency=2)
     finally:

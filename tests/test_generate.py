@@ -135,6 +135,30 @@ async def test_a_prompt_cut_mid_character_is_not_repeated_in_the_text(
     assert "pepper" not in text
 
 
+async def test_detokenize_false_returns_the_same_token_ids_without_text(
+    generate: generate_pb2_grpc.GenerateServiceAsyncStub,
+) -> None:
+    def request(detokenize: bool | None = None) -> generate_pb2.GenerateRequest:
+        return generate_pb2.GenerateRequest(
+            prompt=PROMPTS[0],
+            data_parallel_rank=0,  # the same engine: greedy ids must match
+            sampling=generate_pb2.SamplingParams(
+                max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1, detokenize=detokenize
+            ),
+        )
+
+    decoded = await collect(generate, request())
+    ids_only = await collect(generate, request(detokenize=False))
+    assert token_ids(ids_only) == token_ids(decoded)
+    assert "".join(r.text for r in decoded)
+    assert any(lp.token for r in decoded for lp in r.logprobs)
+    assert all(not r.text for r in ids_only)
+    logprobs = [lp for r in ids_only for lp in r.logprobs]
+    assert [lp.token_id for lp in logprobs] == token_ids(ids_only)
+    assert all(not lp.token and not any(top.token for top in lp.top_logprobs) for lp in logprobs)
+    assert ids_only[-1].usage.completion_tokens == 16
+
+
 async def test_prompt_token_ids_and_chat_messages(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub,
 ) -> None:

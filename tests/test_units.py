@@ -60,6 +60,8 @@ def test_sampling_defaults_follow_vllm() -> None:
         1.0, 1.0, 1.0, 1,
     )  # fmt: skip
     assert sampling.logprobs is None and sampling.seed is None and sampling.skip_special_tokens
+    assert sampling.detokenize
+    assert not validation.engine_sampling(S(detokenize=False), "prompt", 1, LIMITS).detokenize
     explicit = validation.engine_sampling(S(temperature=0, seed=0, logprobs=0), "prompt", 1, LIMITS)
     assert (explicit.temperature, explicit.seed, explicit.logprobs) == (0.0, 0, 0)
 
@@ -72,6 +74,7 @@ def test_sampling_defaults_follow_vllm() -> None:
         (S(frequency_penalty=-2.5), "sampling.frequency_penalty"),
         (S(stop_token_ids=[49, 50]), "sampling.stop_token_ids[1]"),
         (S(logprobs=21), "sampling.logprobs"),
+        (S(stop=["x"], detokenize=False), "sampling.stop"),
     ],
 )
 def test_sampling_checks(sampling: generate_pb2.SamplingParams, field: str) -> None:
