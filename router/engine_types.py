@@ -48,9 +48,11 @@ class EngineTokenLogprob:
     top: list[tuple[int, float, str]]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EngineDelta:
-    """What one engine step added to one choice of a request."""
+    """What one engine step added to one choice of a request. One is made per
+    streamed token: not frozen, whose `__init__` (object.__setattr__ per
+    field) took 1.5 us against 0.6 (timeit); treat it as read-only."""
 
     index: int
     text: str
