@@ -43,6 +43,7 @@ def test_sampling_flags_set_only_the_fields_given() -> None:
     # Flags not given stay unset, for the router to apply vLLM's defaults.
     plain = sampling_params(parse_args(["generate", "Hi"]))
     assert [field.name for field, _ in plain.ListFields()] == ["max_tokens"]
+    assert not sampling_params(parse_args(["generate", "Hi", "--token-ids"])).detokenize
 
 
 def test_system_without_chat_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,6 +63,14 @@ def test_generate_streams_to_stdout_and_says_where_to_stderr(cluster: LocalClust
         r"\[rank 1 \(pin: data_parallel_rank\), length, \d+ prompt \+ 5 tokens, request \S+\]\n",
         result.stderr,
     ), result.stderr
+
+
+def test_generate_token_ids(cluster: LocalCluster) -> None:
+    result = dprouter("generate", "Hello", "--max-tokens", "5", "--temperature", "0",
+                      "--ignore-eos", "--token-ids", "--address", cluster.spec.listen)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"\d+( \d+){4}\n", result.stdout), result.stdout
+    assert "5 tokens" in result.stderr
 
 
 def test_generate_chat_with_a_session(cluster: LocalCluster) -> None:

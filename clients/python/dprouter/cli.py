@@ -2,6 +2,7 @@
 
     dprouter generate "The capital of France is" --max-tokens 32
     dprouter generate --chat "What is the capital of France?" --session u42
+    dprouter generate "The capital of France is" --token-ids
     dprouter health [--watch]
     dprouter ranks [drain N | resume N]
 
@@ -35,6 +36,8 @@ def sampling_params(args: argparse.Namespace) -> generate_pb2.SamplingParams:
     for field in ("temperature", "top_p", "top_k", "min_p", "seed", "min_tokens"):
         if (value := getattr(args, field)) is not None:
             setattr(sampling, field, value)
+    if args.token_ids:
+        sampling.detokenize = False
     return sampling
 
 
@@ -54,8 +57,11 @@ async def generate(client: AsyncClient, args: argparse.Namespace) -> int:
     printed = False
     try:
         async for last in stream:
-            print(last.text, end="", flush=True)
-            printed |= bool(last.text)
+            piece = last.text
+            if args.token_ids and last.token_ids:
+                piece = (" " if printed else "") + " ".join(map(str, last.token_ids))
+            print(piece, end="", flush=True)
+            printed |= bool(piece)
     except grpc.aio.AioRpcError:
         if printed:
             print()  # ends the text's line before the error's
@@ -160,6 +166,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument(
+        "--token-ids", action="store_true", help="print token ids, not text (nothing is decoded)"
+    )
     gen.add_argument("--rank", type=int, help="pin a data-parallel rank")
     gen.add_argument("--session", help="session key for affinity routing")
 
