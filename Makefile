@@ -182,12 +182,16 @@ test: $(STUBS) models check breaking examples
 # Benchmarks print markdown tables; run them on an otherwise idle machine.
 # bench.compare (dprouter against vLLM's servers and the in-process floor) also
 # writes bench/results/<date>.md and a plot; BENCH_ARGS=--quick for a smoke test.
+# bench.overload: 3x the default admission bound against the same stack at its
+# capacity (OVERLOAD_ARGS=--quick for a smoke test).
 BENCH_ARGS ?=
+OVERLOAD_ARGS ?=
 BENCH_STAMP := $(VENV)/.installed-bench
 bench: $(STUBS) $(BENCH_STAMP) models build/go/load
 	$(PY) -m bench.routing cost
 	$(PY) -m bench.routing balance
 	$(PY) -m bench.routing prefix
+	$(PY) -m bench.overload $(OVERLOAD_ARGS)
 	$(PY) -m bench.compare $(BENCH_ARGS)
 
 # vLLM's own gRPC server, matplotlib and py-spy: the bench extra, for make bench only.

@@ -150,7 +150,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
         dispatcher.attach(
             pool,
             make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR, pool.kv_blocks),
-            Ledger(2),
+            Ledger(2, pool.capacity),
         )
 
     async def submit(job: Job) -> Result:
@@ -168,7 +168,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
                 ),
             )
             trace = tracing.start("bench", (), "bench")  # not recording: no provider
-            deltas = dispatcher.run(dispatcher.prepare(request, (), trace), None)
+            deltas = dispatcher.run(await dispatcher.prepare(request, (), trace), None)
         async for delta in deltas:
             cached = delta.cached_tokens
         return Result(job, time.perf_counter() - start, cached)

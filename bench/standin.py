@@ -95,7 +95,9 @@ async def serve(listen: str, model: str) -> None:
     dispatcher = Dispatcher(Metrics(), config.limits)
     pool = StandInRank()
     dispatcher.attach(
-        pool, make_policy(config.routing_policy, 1, BLOCK, config.load_factor), Ledger(1)
+        pool,
+        make_policy(config.routing_policy, 1, BLOCK, config.load_factor),
+        Ledger(1, pool.capacity),
     )
     health = RouterHealth()
     server = build_server(dispatcher, health, config)

@@ -9,17 +9,23 @@ every serving rank is full, or the router is, a request gets
 RESOURCE_EXHAUSTED at once, with a `google.rpc.RetryInfo` delay: when a slot
 can be expected to free up.
 
-A request whose deadline ends before its first token can be expected is
-refused with DEADLINE_EXCEEDED rather than queued to die. The expectation
-comes from the rank's recent requests (the ledger keeps moving averages of
-their time to first token and duration) and the queue ahead of it; with no
-history yet, only a deadline already over is refused.
+That expectation comes from what is in flight: each request's remaining
+output budget at its rank's pace (the ledger's `Backlog`), played out over
+the rank's slots (`completion_times`). A request that would have to queue is
+admitted only if it can also finish its whole budget before its deadline;
+otherwise it is refused with RESOURCE_EXHAUSTED and the time it would have
+waited: load, not the request, is what fails it. One that can start at once
+is refused (DEADLINE_EXCEEDED) only if its first token cannot come in time.
+With no pace known yet (no request has produced two tokens), nothing is
+refused for its deadline, and the retry delay is a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import heapq
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -27,13 +33,15 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from router.errors import RequestError
-from router.ledger import RankLoad, RankState
+from router.ledger import Backlog, Pace, RankLoad, RankState
 
-# The retry delay when no request has finished yet to estimate it from, and
-# the range an estimate is kept in.
+# A rank's in-flight requests' expected ends (`completion_times`), by rank.
+EndsOf = Callable[[int], Sequence[float] | None]
+# The retry delay when nothing is known to estimate it from, and the range
+# an estimate is kept in.
 DEFAULT_RETRY_DELAY_S = 1.0
 MIN_RETRY_DELAY_S = 0.05
-MAX_RETRY_DELAY_S = 30.0
+MAX_RETRY_DELAY_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -55,36 +63,62 @@ def mark_full(loads: Sequence[RankLoad], limits: QueueLimits) -> list[RankLoad]:
     ]
 
 
-def queued_ahead(load: RankLoad, limits: QueueLimits) -> int:
-    """Requests that must finish on the rank before one more can start."""
-    return max(0, load.in_flight + 1 - limits.capacity)
+def completion_times(backlog: Backlog, capacity: int) -> list[float] | None:
+    """Seconds from now at which each in-flight request of a rank can be
+    expected to end, soonest first; None while its pace is not known.
 
-
-def first_token_estimate(load: RankLoad, limits: QueueLimits) -> float | None:
-    """Seconds until a request sent to the rank now can expect its first
-    token; None with no history. A running request ends, and frees a slot,
-    every `duration / capacity` seconds on average."""
-    if load.ttft_s is None:
+    A running request ends its whole budget at the rank's pace after it got
+    its slot (one that has run longer than that is taken to be near its
+    end); the others wait, and take the slots as they free up."""
+    pace = backlog.pace
+    if pace.itl_s is None:
         return None
-    ahead = queued_ahead(load, limits)
-    if not ahead:
-        return load.ttft_s
-    if load.duration_s is None:
-        return None
-    return load.ttft_s + ahead * load.duration_s / limits.capacity
-
-
-def retry_delay(loads: Sequence[RankLoad], limits: QueueLimits) -> float:
-    """When a serving rank can be expected to have room again, in seconds: a
-    running request ends, and frees a slot, every `duration / capacity`."""
-    waits = [
-        max(1, load.in_flight - limits.rank_bound + 1) * load.duration_s / limits.capacity
-        for load in loads
-        if load.state is RankState.SERVING and load.duration_s is not None
+    running = [
+        max(_request_s(pace, prompt, budget) - elapsed, pace.itl_s)
+        for prompt, budget, elapsed in backlog.running
     ]
-    if not waits:
+    queue: deque[tuple[int, int]] = deque(backlog.waiting)
+    while queue and len(running) < capacity:  # a bound lowered, or a slot not yet noted
+        prompt, budget = queue.popleft()
+        running.append(_request_s(pace, prompt, budget))
+    heapq.heapify(running)
+    ends = []
+    while running:
+        end = heapq.heappop(running)
+        ends.append(end)
+        if queue:
+            prompt, budget = queue.popleft()
+            heapq.heappush(running, end + _request_s(pace, prompt, budget))
+    return ends
+
+
+def _request_s(pace: Pace, prompt_tokens: int, budget: int) -> float:
+    seconds = pace.request_s(prompt_tokens, budget)
+    assert seconds is not None  # the pace between tokens is known
+    return seconds
+
+
+def wait_for_slots(ends: Sequence[float] | None, count: int) -> float | None:
+    """Seconds until `count` of the requests have ended (0 for none); None
+    when not known."""
+    if count <= 0:
+        return 0.0
+    if ends is None or count > len(ends):
+        return None
+    return ends[count - 1]
+
+
+def retry_delay(waits: Sequence[float | None]) -> float:
+    """The delay to tell a refused client: the soonest of the known waits."""
+    known = [wait for wait in waits if wait is not None]
+    if not known:
         return DEFAULT_RETRY_DELAY_S
-    return min(max(min(waits), MIN_RETRY_DELAY_S), MAX_RETRY_DELAY_S)
+    return min(max(min(known), MIN_RETRY_DELAY_S), MAX_RETRY_DELAY_S)
+
+
+def room_wait(load: RankLoad, limits: QueueLimits, ends: Sequence[float] | None) -> float | None:
+    """Seconds until a full rank can take one more request."""
+    return wait_for_slots(ends, load.in_flight - limits.rank_bound + 1)
 
 
 def exhausted(problem: str, reason: str, delay_s: float) -> RequestError:
@@ -101,49 +135,87 @@ def exhausted(problem: str, reason: str, delay_s: float) -> RequestError:
     )
 
 
-def check_router_bound(loads: Sequence[RankLoad], limits: QueueLimits) -> None:
+def check_router_bound(loads: Sequence[RankLoad], limits: QueueLimits, ends: EndsOf) -> None:
     """RESOURCE_EXHAUSTED when the router holds `max_in_flight` requests."""
     if limits.max_in_flight is None:
         return
-    if sum(load.in_flight for load in loads) >= limits.max_in_flight:
-        raise exhausted(
-            f"the router holds its limit of {limits.max_in_flight} requests",
-            "ROUTER_QUEUE_FULL",
-            retry_delay(loads, limits),
-        )
+    over = sum(load.in_flight for load in loads) - limits.max_in_flight + 1
+    if over <= 0:
+        return
+    known = [e for load in loads if load.in_flight and (e := ends(load.rank)) is not None]
+    merged = sorted(end for rank_ends in known for end in rank_ends) if known else None
+    raise exhausted(
+        f"the router holds its limit of {limits.max_in_flight} requests",
+        "ROUTER_QUEUE_FULL",
+        retry_delay([wait_for_slots(merged, over)]),
+    )
 
 
-def check_rank_room(load: RankLoad, limits: QueueLimits) -> None:
+def check_rank_room(load: RankLoad, limits: QueueLimits, ends: EndsOf) -> None:
     """RESOURCE_EXHAUSTED when the chosen rank (a pin) is full."""
     if load.full:
         raise exhausted(
             f"rank {load.rank} holds its limit of {limits.rank_bound} requests",
             "RANK_QUEUE_FULL",
-            retry_delay([load], limits),
+            retry_delay([room_wait(load, limits, ends(load.rank))]),
         )
 
 
-def all_full(loads: Sequence[RankLoad], limits: QueueLimits) -> RequestError:
+def all_full(loads: Sequence[RankLoad], limits: QueueLimits, ends: EndsOf) -> RequestError:
     """The error for a request that no serving rank has room for."""
+    waits = [
+        room_wait(load, limits, ends(load.rank))
+        for load in loads
+        if load.state is RankState.SERVING
+    ]
     return exhausted(
         f"every serving rank holds its limit of {limits.rank_bound} requests",
         "RANK_QUEUE_FULL",
-        retry_delay(loads, limits),
+        retry_delay(waits),
     )
 
 
-def check_deadline(load: RankLoad, limits: QueueLimits, deadline_s: float | None) -> None:
-    """DEADLINE_EXCEEDED when the deadline ends before the request's first
-    token can be expected on the rank."""
+@dataclass(frozen=True)
+class Ask:
+    """What one request asks of its rank: its prompt and its output budget."""
+
+    prompt_tokens: int
+    budget: int  # max_tokens x n
+
+
+def check_deadline(
+    load: RankLoad,
+    limits: QueueLimits,
+    pace: Pace,
+    ends: Sequence[float] | None,
+    ask: Ask,
+    deadline_s: float | None,
+) -> None:
+    """Refuses a request that cannot be served before its deadline on the
+    rank: RESOURCE_EXHAUSTED when it would queue and could not finish its
+    budget in time, DEADLINE_EXCEEDED when it can start at once but its
+    first token cannot come in time."""
     if deadline_s is None:
         return
     if deadline_s <= 0:
         raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline is already over")
-    expected = first_token_estimate(load, limits)
-    if expected is not None and expected > deadline_s:
+    ahead = load.in_flight + 1 - limits.capacity
+    if ahead > 0:
+        start = wait_for_slots(ends, ahead)
+        work = pace.request_s(ask.prompt_tokens, ask.budget)
+        if start is not None and work is not None and start + work > deadline_s:
+            raise exhausted(
+                f"the deadline ({deadline_s:.3f} s) ends before the request could finish on "
+                f"rank {load.rank}: {ahead} requests must end before it starts "
+                f"(~{start:.2f} s), and it needs ~{work:.2f} s",
+                "DEADLINE_BEYOND_QUEUE",
+                retry_delay([start]),
+            )
+        return
+    first = pace.first_token_s(ask.prompt_tokens)
+    if first is not None and first > deadline_s:
         raise RequestError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"the deadline ({deadline_s:.3f} s) ends before the first token can be expected "
-            f"on rank {load.rank} ({expected:.3f} s, with {queued_ahead(load, limits)} "
-            "requests to finish first)",
+            f"on rank {load.rank} ({first:.3f} s for a {ask.prompt_tokens}-token prompt)",
         )

@@ -25,9 +25,11 @@ from router.auth import BearerTokenInterceptor
 from router.config import RouterConfig, TlsConfig
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
+from router.liveness import DEFAULT_TIMEOUTS
 from router.membership import Membership
 from router.metrics import Metrics
 from router.service import GenerateServicer, RanksServicer
+from router.vitals import VitalsListener
 from router.vllm_compat import with_traces_endpoint
 from router.watchdog import Watchdog
 from router.wire import MalformedRequestInterceptor
@@ -37,6 +39,8 @@ T = TypeVar("T")
 # After the grace period: how long the requests the router ended get to send
 # their status before the server stops (which would cancel them instead).
 STATUS_SEND_S = 1.0
+MAX_PENDING_CALLS = 1 << 20
+MAX_PENDING_CALL_S = 3600
 
 
 def build_server(
@@ -57,6 +61,13 @@ def build_server(
             ("grpc.keepalive_timeout_ms", 1000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Calls that wait for a handler while the event loop is busy:
+            # gRPC would drop them past these limits (CANCELLED, unseen by the
+            # router). Every call reaches the router, whose admission answers
+            # overload with RESOURCE_EXHAUSTED and a retry delay instead.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_CALL_S),
         ],
     )
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(
@@ -135,6 +146,14 @@ async def serve(config: RouterConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    engine_args = config.engine_args
+    vitals = VitalsListener(
+        config.data_parallel_size,
+        engine_args.data_parallel_address or "127.0.0.1",
+        engine_args.data_parallel_rpc_port,
+        per_rank_ports=config.topology == "independent",
+    )
+    await vitals.start()
     membership = Membership(config, dispatcher, health)
     membership.start()
     stopping = asyncio.ensure_future(stop.wait())
@@ -153,7 +172,15 @@ async def serve(config: RouterConfig) -> int:
     async def health_changed() -> None:
         await health.update(dispatcher.loads())
 
-    watchdog = asyncio.ensure_future(Watchdog(dispatcher, health_changed, membership.replace).run())
+    watchdog = asyncio.ensure_future(
+        Watchdog(
+            dispatcher,
+            vitals,
+            health_changed,
+            membership.replace,
+            timeouts=dataclasses.replace(DEFAULT_TIMEOUTS, busy_timeout_s=config.busy_timeout),
+        ).run()
+    )
 
     await stopping
     log.info("draining", extra={"grace_period_s": config.grace_period})
@@ -167,6 +194,7 @@ async def serve(config: RouterConfig) -> int:
         await dispatcher.drain(STATUS_SEND_S)
     await server.stop(grace=1.0)
     membership.close()
+    vitals.close()
     if config.metrics_listen is not None:
         metrics_server.shutdown()
     tracing.shutdown()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router.auth import TOKENS_ENV, load_tokens
+from router.liveness import DEFAULT_TIMEOUTS
 from router.policies import DEFAULT_LOAD_FACTOR, POLICIES
 from router.validation import RequestLimits
 from router.vllm_compat import add_engine_args, new_flexible_parser
@@ -48,6 +49,7 @@ class RouterConfig:
     tls: TlsConfig | None
     auth_tokens: frozenset[str]
     metrics_listen: str | None
+    busy_timeout: float
 
     @property
     def data_parallel_size(self) -> int:
@@ -102,6 +104,14 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         "have more than this times the mean in-flight requests",
     )
     router.add_argument(
+        "--rank-busy-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUTS.busy_timeout_s,
+        help="seconds a rank whose engine is alive and using CPU may go without any output "
+        "or answer before it is presumed hung (a long prefill or first-use compilation is "
+        "normal work up to this)",
+    )
+    router.add_argument(
         "--metrics-listen",
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
@@ -112,6 +122,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
     args = parser.parse_args(argv)
     if args.metrics_listen is not None and not _is_host_port(args.metrics_listen):
         parser.error(f"--metrics-listen must be HOST:PORT, got {args.metrics_listen!r}")
+    if args.rank_busy_timeout <= DEFAULT_TIMEOUTS.timeout_s:
+        parser.error(
+            f"--rank-busy-timeout must be above the probe timeout ({DEFAULT_TIMEOUTS.timeout_s} s)"
+        )
     if args.affinity_load_factor < 1:
         parser.error("--affinity-load-factor must be at least 1")
     for flag in (
@@ -156,6 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         auth_tokens=tokens,
         metrics_listen=args.metrics_listen,
+        busy_timeout=args.rank_busy_timeout,
     )
 
 

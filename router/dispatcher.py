@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from dprouter.v1 import generate_pb2
 from router import admission, validation
 from router.engine_types import EngineDelta, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
-from router.ledger import Ledger, Outcome, RankLoad, RankState
+from router.ledger import Ledger, Outcome, Pace, RankLoad, RankState
 from router.metrics import Metrics
 from router.policies import Candidate, Decision, Policy, RouteInput, load_score
 from router.ranks import RankNotJoined, RankPool
@@ -69,6 +70,23 @@ class _Admitted:
 log = logging.getLogger("dprouter")
 PIN_POLICY = "pin"
 RETRY_REASON = "retry_after_rank_failure"
+# How long a rank's estimated backlog serves admission before it is worked
+# out again: a burst of refusals shares one.
+BACKLOG_TTL_S = 0.1
+# Prompts longer than this are tokenized off the event loop (in the order
+# they come), which meanwhile serves everyone else.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+def _budget(sampling: Sampling) -> int:
+    """The output tokens a request may produce."""
+    return sampling.max_tokens * sampling.n
+
+
+def _prompt_chars(prompt: validation.Prompt) -> int:
+    if prompt.text is not None:
+        return len(prompt.text)
+    return sum(len(m["content"]) for m in prompt.messages or ())
 
 
 @dataclass
@@ -108,13 +126,17 @@ class Dispatcher:
         self.queue_limits = admission.QueueLimits(1, 0)  # set when the ranks join
         self.pool: RankPool | None = None
         self.policy: Policy | None = None
-        self.ledger = Ledger(0)
+        self.ledger = Ledger(0, 1)
+        # Per rank: (when, the ledger's version of it, its pace, its in-flight
+        # requests' expected ends).
+        self._backlogs: dict[int, tuple[float, int, Pace, list[float] | None]] = {}
         self.accepting = True
         self._in_flight = 0  # routed and not yet released
         self._idle = asyncio.Event()
         self._idle.set()
         self._aborts: set[asyncio.Future[None]] = set()
         self._streaming: dict[str, _Streaming] = {}  # by engine id
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
     def attach(self, pool: RankPool, policy: Policy, ledger: Ledger) -> None:
         """The ranks (some, at least) have joined: route with `policy`."""
@@ -136,14 +158,17 @@ class Dispatcher:
             raise unavailable("the ranks have not joined the router yet")
         return self.pool
 
-    def _admit(
+    async def _admit(
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
     ) -> _Admitted:
         pool = self._pool()
         checked = validation.check_request(request, metadata, pool.limits, self.allowed)
-        ids = validation.tokenize(checked.prompt, pool.encode, pool.render_chat)
+        # Refused at once when nothing has room: before the tokenizer's work.
+        loads = admission.mark_full(self.loads(), self.queue_limits)
+        self._check_room(loads, checked.rank_pin, full_only=True)
+        ids = await self._tokenize(checked.prompt, pool)
         if not ids:
             raise invalid_argument(checked.prompt.field, "tokenizes to no tokens")
         sampling = validation.engine_sampling(
@@ -158,47 +183,94 @@ class Dispatcher:
             ) from None
         return _Admitted(checked, ids, sampling, params)
 
+    async def _tokenize(self, prompt: validation.Prompt, pool: RankPool) -> list[int]:
+        if prompt.token_ids is not None or _prompt_chars(prompt) <= INLINE_TOKENIZE_CHARS:
+            return validation.tokenize(prompt, pool.encode, pool.render_chat)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizer_thread, validation.tokenize, prompt, pool.encode, pool.render_chat
+        )
+
+    def _backlog(self, rank: int) -> tuple[Pace, list[float] | None]:
+        """The rank's pace and its requests' expected ends (`admission.
+        completion_times`), worked out again when a request came or went, or
+        after BACKLOG_TTL_S: a burst of refusals shares one."""
+        now = time.monotonic()
+        version = self.ledger.version(rank)
+        cached = self._backlogs.get(rank)
+        if cached is None or cached[1] != version or now - cached[0] >= BACKLOG_TTL_S:
+            backlog = self.ledger.backlog(rank)
+            ends = admission.completion_times(backlog, self.queue_limits.capacity)
+            cached = self._backlogs[rank] = (now, version, backlog.pace, ends)
+        at, _, pace, ends = cached
+        if ends is not None and now > at:
+            ends = [max(end - (now - at), 0.0) for end in ends]
+        return pace, ends
+
+    def _ends(self, rank: int) -> list[float] | None:
+        return self._backlog(rank)[1]
+
+    def _check_room(
+        self, loads: Sequence[RankLoad], pin: validation.Pin | None, full_only: bool = False
+    ) -> None:
+        """Refuses the request when the router, or its pinned rank, or every
+        serving rank, is full; unless `full_only`, also when its pinned rank
+        does not serve or no rank does."""
+        limits = self.queue_limits
+        admission.check_router_bound(loads, limits, self._ends)
+        if pin is not None:
+            state = loads[pin.rank].state
+            if state is RankState.SERVING:
+                admission.check_rank_room(loads[pin.rank], limits, self._ends)
+            elif full_only:
+                pass
+            elif state is RankState.DRAINING:
+                raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
+            else:
+                raise unavailable(f"rank {pin.rank} is unhealthy")
+            return
+        serving = [load for load in loads if load.state is RankState.SERVING]
+        if not serving and not full_only:
+            raise unavailable("no rank is serving")
+        if serving and all(load.full for load in serving):
+            raise admission.all_full(loads, limits, self._ends)
+
     def _route(self, admitted: _Admitted, deadline_s: float | None) -> Decision:
         """The policy's decision, or the pin's; nothing is committed yet.
-        Refuses the request when no rank has room for it, or it cannot
-        expect its first token before its deadline."""
+        Refuses the request when no rank has room for it, or it cannot be
+        served before its deadline."""
         self._pool()
         limits = self.queue_limits
         loads = admission.mark_full(self.loads(), limits)
-        admission.check_router_bound(loads, limits)
         pin = admitted.checked.rank_pin
+        self._check_room(loads, pin)
         if pin is None:
             assert self.policy is not None  # attached with the pool
             route = RouteInput(admitted.prompt_token_ids, admitted.checked.session_key)
             decision = self.policy.decide(route, loads)
-            if decision.rank is None:
-                if any(load.state is RankState.SERVING for load in loads):
-                    raise admission.all_full(loads, limits)
-                raise unavailable("no rank is serving")
+            if decision.rank is None:  # every rank with room is draining
+                raise admission.all_full(loads, limits, self._ends)
             rank = decision.rank
         else:
-            state = loads[pin.rank].state
-            if state is RankState.DRAINING:
-                raise failed_precondition(pin.field, f"rank {pin.rank} is draining")
-            if state is RankState.UNHEALTHY:
-                raise unavailable(f"rank {pin.rank} is unhealthy")
-            admission.check_rank_room(loads[pin.rank], limits)
             candidates = [Candidate(load.rank, load_score(load)) for load in loads]
             decision = Decision(pin.rank, PIN_POLICY, pin.field, candidates)
             rank = pin.rank
-        admission.check_deadline(loads[rank], limits, deadline_s)
+        if deadline_s is not None:
+            pace, ends = self._backlog(rank)
+            ask = admission.Ask(len(admitted.prompt_token_ids), _budget(admitted.sampling))
+            admission.check_deadline(loads[rank], limits, pace, ends, ask, deadline_s)
         return decision
 
-    def explain(
+    async def explain(
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
     ) -> tuple[Decision, int]:
         """Where the request would go now, and its prompt's length; a dry run."""
-        admitted = self._admit(request, metadata)
+        admitted = await self._admit(request, metadata)
         return self._route(admitted, None), len(admitted.prompt_token_ids)
 
-    def prepare(
+    async def prepare(
         self,
         request: generate_pb2.GenerateRequest,
         metadata: Sequence[tuple[str, str | bytes]],
@@ -211,7 +283,7 @@ class Dispatcher:
         deadline, if it has one."""
         arrived = time.monotonic()
         with trace.stage("validate"):
-            admitted = self._admit(request, metadata)
+            admitted = await self._admit(request, metadata)
         checked = admitted.checked
         trace.request(
             admitted.sampling,
@@ -249,7 +321,9 @@ class Dispatcher:
         self.metrics.routed(decision.policy, decision.reason)
 
     def _reserve(self, job: Job) -> None:
-        self.ledger.reserve(job.engine_request_id, job.rank, len(job.prompt_token_ids))
+        self.ledger.reserve(
+            job.engine_request_id, job.rank, len(job.prompt_token_ids), _budget(job.sampling)
+        )
         self._in_flight += 1
         self._idle.clear()
 
@@ -291,6 +365,7 @@ class Dispatcher:
                 engine_id = job.engine_request_id
                 streaming = _Streaming(job, task)
                 self._streaming[engine_id] = streaming
+                entry = self.ledger.entry(engine_id)
                 attempt = job.trace.attempt(
                     job.rank, engine_id, job.sampling, len(job.prompt_token_ids)
                 )
@@ -311,7 +386,8 @@ class Dispatcher:
                             break
                         finally:
                             streaming.in_engine = False
-                        self.ledger.prefilled(engine_id)
+                        if entry is not None:
+                            self.ledger.output(entry, len(delta.token_ids))
                         attempt.output(delta)
                         timer.output(job.rank, delta)
                         if delta.finished:

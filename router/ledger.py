@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Weight of the newest request in the moving averages of time to first token
-# and duration: about the last ten requests count.
+# Weight of the newest request in the moving averages of its rank's pace:
+# about the last ten requests count.
 EWMA_WEIGHT = 0.2
 
 
@@ -53,11 +53,41 @@ class RankLoad:
     served: int
     failed: int
     cancelled: int
-    # Moving averages over recent requests (None before the first): seconds
-    # from routing to the first output, and to the end of a served request.
-    ttft_s: float | None = None
-    duration_s: float | None = None
     full: bool = False  # at its queue bound: takes no new request (admission.py)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How fast a rank works, from its recent requests (None: not known yet)."""
+
+    itl_s: float | None = None  # seconds between two output tokens of one request
+    prefill_tps: float | None = None  # prompt tokens per second to the first token
+
+    def first_token_s(self, prompt_tokens: int) -> float | None:
+        if self.prefill_tps is not None:
+            return prompt_tokens / self.prefill_tps
+        return self.itl_s
+
+    def request_s(self, prompt_tokens: int, budget: int) -> float | None:
+        """Seconds a request takes once it has a slot: its prompt, then its
+        whole output budget."""
+        first = self.first_token_s(prompt_tokens)
+        if first is None or self.itl_s is None:
+            return None
+        return first + budget * self.itl_s
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A rank's in-flight requests, in arrival order, and its pace: what the
+    time until one of its slots frees is estimated from (admission.py)."""
+
+    pace: Pace
+    # (prompt tokens, output budget, seconds since it got its slot) of the
+    # requests the engine runs.
+    running: list[tuple[int, int, float]]
+    # (prompt tokens, output budget) of those waiting for a slot, oldest first.
+    waiting: list[tuple[int, int]]
 
 
 def _average(mean: float | None, sample: float) -> float:
@@ -71,26 +101,42 @@ class _Counts:
     served: int = 0
     failed: int = 0
     cancelled: int = 0
-    ttft_s: float | None = None
-    duration_s: float | None = None
+    itl_s: float | None = None
+    prefill_tps: float | None = None
+    version: int = 0  # counts the requests that came and went
 
 
-@dataclass
-class _Entry:
+@dataclass(slots=True)
+class Entry:
+    """One routed request. The dispatcher counts its output tokens here."""
+
     rank: int
-    queued_prompt_tokens: int
+    prompt_tokens: int
+    budget: int  # output tokens it may produce (max_tokens x n)
     routed_at: float
+    # When the engine could start it: at once, or when a request before it
+    # left a rank that was running all it can (0.0: still waiting). Wall
+    # time, not token counts: the router reads a stream's tokens late when
+    # it is busy.
+    slot_at: float
+    first_at: float = 0.0  # its first output token (0.0: none yet)
+    tokens: int = 0
+    released: bool = False
 
 
 class Ledger:
     """A rank serves when it is healthy (the watchdog's call) and not drained
     (the operator's call, or shutdown's)."""
 
-    def __init__(self, ranks: int, healthy: bool = True) -> None:
+    def __init__(self, ranks: int, capacity: int, healthy: bool = True) -> None:
+        self._capacity = capacity  # requests one engine runs at once
         self._counts = [_Counts() for _ in range(ranks)]
         self._healthy = [healthy] * ranks
+        self._healthy_since = [time.monotonic()] * ranks
         self._drained = [False] * ranks
-        self._entries: dict[str, _Entry] = {}  # by engine request id
+        # By engine request id, per rank, in arrival order.
+        self._entries: list[dict[str, Entry]] = [{} for _ in range(ranks)]
+        self._rank_of: dict[str, int] = {}
 
     @property
     def ranks(self) -> int:
@@ -104,44 +150,99 @@ class Ledger:
     def healthy(self, rank: int) -> bool:
         return self._healthy[rank]
 
+    def healthy_since(self, rank: int) -> float:
+        """When the rank last turned healthy (or the ledger began)."""
+        return self._healthy_since[rank]
+
     def set_healthy(self, rank: int, healthy: bool) -> None:
+        if healthy and not self._healthy[rank]:
+            self._healthy_since[rank] = time.monotonic()
         self._healthy[rank] = healthy
 
     def set_drained(self, rank: int, drained: bool) -> None:
         self._drained[rank] = drained
 
-    def reserve(self, request_id: str, rank: int, prompt_tokens: int) -> None:
-        """A request was routed to `rank`."""
+    def reserve(self, request_id: str, rank: int, prompt_tokens: int, budget: int) -> Entry:
+        """A request was routed to `rank`; its entry counts its output."""
         counts = self._counts[rank]
+        now = time.monotonic()
+        entry = Entry(
+            rank, prompt_tokens, budget, now, now if counts.in_flight < self._capacity else 0.0
+        )
         counts.in_flight += 1
+        counts.version += 1
         counts.queued_prompt_tokens += prompt_tokens
-        self._entries[request_id] = _Entry(rank, prompt_tokens, time.monotonic())
+        self._entries[rank][request_id] = entry
+        self._rank_of[request_id] = rank
+        return entry
 
-    def prefilled(self, request_id: str) -> None:
-        """The request produced its first output: its prompt is no longer queued."""
-        entry = self._entries.get(request_id)
-        if entry is not None and entry.queued_prompt_tokens:
-            counts = self._counts[entry.rank]
-            counts.queued_prompt_tokens -= entry.queued_prompt_tokens
-            counts.ttft_s = _average(counts.ttft_s, time.monotonic() - entry.routed_at)
-            entry.queued_prompt_tokens = 0
+    def version(self, rank: int) -> int:
+        """Changes whenever a request comes to or leaves the rank."""
+        return self._counts[rank].version
+
+    def entry(self, request_id: str) -> Entry | None:
+        rank = self._rank_of.get(request_id)
+        return None if rank is None else self._entries[rank].get(request_id)
+
+    def output(self, entry: Entry, tokens: int) -> None:
+        """The request produced `tokens` more output tokens."""
+        entry.tokens += tokens
+        if entry.first_at or not tokens or entry.released:
+            return
+        # Its first: its prompt is no longer queued.
+        entry.first_at = time.monotonic()
+        counts = self._counts[entry.rank]
+        counts.queued_prompt_tokens -= entry.prompt_tokens
+        if entry.slot_at:
+            ttft = max(entry.first_at - entry.slot_at, 1e-6)
+            counts.prefill_tps = _average(counts.prefill_tps, entry.prompt_tokens / ttft)
 
     def release(self, request_id: str, outcome: Outcome) -> bool:
         """The request left its rank; False if it had already been released."""
-        entry = self._entries.pop(request_id, None)
-        if entry is None:
+        rank = self._rank_of.pop(request_id, None)
+        if rank is None:
             return False
-        counts = self._counts[entry.rank]
+        entries = self._entries[rank]
+        entry = entries.pop(request_id)
+        entry.released = True
+        now = time.monotonic()
+        if entry.slot_at:  # its slot goes to the oldest request waiting for one
+            waiting = next((e for e in entries.values() if not e.slot_at), None)
+            if waiting is not None:
+                waiting.slot_at = now
+        counts = self._counts[rank]
         counts.in_flight -= 1
-        counts.queued_prompt_tokens -= entry.queued_prompt_tokens
+        counts.version += 1
+        if not entry.first_at:
+            counts.queued_prompt_tokens -= entry.prompt_tokens
         if outcome is Outcome.SERVED:
             counts.served += 1
-            counts.duration_s = _average(counts.duration_s, time.monotonic() - entry.routed_at)
+            if entry.slot_at and entry.tokens:
+                itl = self._decode_s(entry, now) / entry.tokens
+                counts.itl_s = _average(counts.itl_s, itl)
         elif outcome is Outcome.FAILED:
             counts.failed += 1
         else:
             counts.cancelled += 1
         return True
+
+    def _decode_s(self, entry: Entry, now: float) -> float:
+        """How long the request has run past its prompt."""
+        prefill_tps = self._counts[entry.rank].prefill_tps
+        prefill = entry.prompt_tokens / prefill_tps if prefill_tps else 0.0
+        return max(now - entry.slot_at - prefill, 0.0)
+
+    def backlog(self, rank: int) -> Backlog:
+        """The rank's in-flight requests and its recent requests' pace."""
+        now = time.monotonic()
+        running, waiting = [], []
+        for entry in self._entries[rank].values():
+            if entry.slot_at:
+                running.append((entry.prompt_tokens, entry.budget, now - entry.slot_at))
+            else:
+                waiting.append((entry.prompt_tokens, entry.budget))
+        counts = self._counts[rank]
+        return Backlog(Pace(counts.itl_s, counts.prefill_tps), running, waiting)
 
     def loads(self, engine: Sequence[EngineLoad] | None) -> list[RankLoad]:
         """Every rank's snapshot, with the engines' reports when there are any."""
@@ -158,8 +259,6 @@ class Ledger:
                 served=c.served,
                 failed=c.failed,
                 cancelled=c.cancelled,
-                ttft_s=c.ttft_s,
-                duration_s=c.duration_s,
             )
             for rank, (c, report) in enumerate(zip(self._counts, reports, strict=True))
         ]

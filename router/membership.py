@@ -101,7 +101,7 @@ class Membership:
             self.first_join.set_exception(error)
             return
         pool = CoupledRanks(joining.result())
-        self._attach(pool, Ledger(self._ranks))
+        self._attach(pool, Ledger(self._ranks, pool.capacity))
 
     def _attach(self, pool: RankPool, ledger: Ledger) -> None:
         policy = make_policy(
@@ -146,9 +146,10 @@ class Membership:
         client = joining.result()
         pool = self._dispatcher.pool
         if pool is None:
-            ledger = Ledger(self._ranks, healthy=False)
+            pool = IndependentRanks(self._ranks, rank, client)
+            ledger = Ledger(self._ranks, pool.capacity, healthy=False)
             ledger.set_healthy(rank, True)
-            self._attach(IndependentRanks(self._ranks, rank, client), ledger)
+            self._attach(pool, ledger)
         else:
             assert isinstance(pool, IndependentRanks)
             pool.join(rank, client)

@@ -89,6 +89,7 @@ def _limits(client: EngineClient, ranks: int) -> ModelLimits:
         vocab_size=client.vocab_size,
         data_parallel_size=ranks,
         max_logprobs=client.max_logprobs,
+        max_token_bytes=client.max_token_bytes,
     )
 
 

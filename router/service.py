@@ -25,7 +25,7 @@ from router.dispatcher import Dispatcher, Job
 from router.engine_types import EngineDelta, EngineTokenLogprob
 from router.errors import RequestError
 from router.health import RouterHealth
-from router.ledger import RankLoad, RankState
+from router.ledger import Outcome, RankLoad, RankState
 from router.tracing import RequestTrace
 from router.validation import RANK_METADATA_KEY
 
@@ -51,6 +51,16 @@ async def _abort(context: Context, error: RequestError, message: str) -> None:
     the trailers already set: the trace id)."""
     trailers = (*(context.trailing_metadata() or ()), *error.trailers(message))
     await context.abort(error.code, message, trailing_metadata=trailers)
+
+
+def _check_headers(metadata: Sequence[tuple[str, str]]) -> None:
+    """gRPC fails a call whose headers hold anything but printable ASCII
+    with INTERNAL on its own, after the handler has moved on, and then
+    cancels the handler as a client's cancel would: the router would record
+    CANCELLED. Refused here, it is a bug that the handler reports itself."""
+    for key, value in metadata:
+        if not (value.isascii() and value.isprintable()):
+            raise ValueError(f"the {key} header is not printable ASCII: {value!r}")
 
 
 def _check_deadline(context: Context) -> None:
@@ -177,12 +187,20 @@ class _Rpc:
         trace = tracing.start(self.method, _metadata(context), self.model)
         if trace.trace_id is not None:
             context.set_trailing_metadata(((TRACE_ID_METADATA_KEY, trace.trace_id),))
+        failure: BaseException | None = None
         try:
             yield trace, outcome
         except RequestError as e:
             code, message = e.code, self.message(e)
             outcome.fields["error"] = message
             raise
+        except Exception as e:
+            # A bug: the handler ends the call with INTERNAL itself (gRPC
+            # would say UNKNOWN), so that the client sees the status recorded.
+            failure = e
+            code, message = grpc.StatusCode.INTERNAL, "internal error"
+            outcome.fields["error"] = f"{type(e).__name__}: {e}"
+            raise RequestError(code, message) from e
         except BaseException as e:  # cancelled, deadline, client gone
             # The client's own timer often cancels a moment before ours fires.
             remaining = context.time_remaining()
@@ -208,8 +226,10 @@ class _Rpc:
                 )
             trace.end(code, message, _span_attributes(outcome))
             self.dispatcher.metrics.finished(self.method, code.name)
-            log.info(
+            log.log(
+                logging.ERROR if failure else logging.INFO,
                 "request finished",
+                exc_info=failure,
                 extra={
                     "method": self.method,
                     "request_id": job.request_id if job else client_request_id or None,
@@ -238,13 +258,18 @@ class _Rpc:
         starts on the request (awaiting them first added a round trip through
         gRPC's completion queue to the time to first token); the caller
         awaits `outcome.headers_sent()` before its first response."""
-        job = outcome.job = self.dispatcher.prepare(
+        job = outcome.job = await self.dispatcher.prepare(
             request, _metadata(context), trace, context.time_remaining()
         )
         outcome.prompt_tokens = len(job.prompt_token_ids)
         metadata = [*_route_metadata(job), ("x-request-id", job.request_id)]
         if (trace_id := trace.trace_id) is not None:
             metadata.append((TRACE_ID_METADATA_KEY, trace_id))
+        try:
+            _check_headers(metadata)
+        except ValueError:
+            self.dispatcher.release(job, Outcome.FAILED)  # it will not run
+            raise
         outcome.headers = asyncio.ensure_future(context.send_initial_metadata(metadata))
         outcome.deltas = self.dispatcher.run(job, context.time_remaining())
         return job, outcome.deltas
@@ -373,7 +398,9 @@ class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
         self, request: ranks_pb2.ExplainRouteRequest, context: Context
     ) -> ranks_pb2.ExplainRouteResponse:
         try:
-            decision, prompt_tokens = self._dispatcher.explain(request.request, _metadata(context))
+            decision, prompt_tokens = await self._dispatcher.explain(
+                request.request, _metadata(context)
+            )
         except RequestError as e:
             await _abort(context, e, e.message("request."))
             raise AssertionError("unreachable: abort raises") from e

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dprouter.v1 import generate_pb2
 from router.engine_types import Sampling
-from router.errors import invalid_argument
+from router.errors import RequestError, invalid_argument
 
 # The metadata key vLLM's own gRPC front end uses to pin a rank.
 RANK_METADATA_KEY = "x-data-parallel-rank"
@@ -33,6 +33,10 @@ class ModelLimits:
     data_parallel_size: int
     # The engine's --max-logprobs (vLLM's default 20; -1 means the vocabulary).
     max_logprobs: int = 20
+    # The most UTF-8 bytes of text that one token of the vocabulary stands
+    # for (at least 4); None where unknown, which leaves prompts unbounded
+    # by bytes.
+    max_token_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,22 @@ class RequestLimits:
 
 
 NO_LIMITS = RequestLimits()
+
+
+def max_prompt_tokens(limits: ModelLimits, allowed: RequestLimits) -> tuple[int, str]:
+    """The most prompt tokens a request may have, and what sets that limit."""
+    if allowed.max_prompt_tokens is not None and allowed.max_prompt_tokens < limits.max_model_len:
+        return allowed.max_prompt_tokens, f"this router's limit of {allowed.max_prompt_tokens}"
+    return limits.max_model_len, f"the model's context of {limits.max_model_len}"
+
+
+def max_prompt_bytes(limits: ModelLimits, allowed: RequestLimits) -> int | None:
+    """The most UTF-8 bytes of prompt text that could tokenize within the
+    prompt token limit: a longer text is refused before a tokenizer spends
+    time on it (4 MB took the tiny test model's tokenizer 2-3 s)."""
+    if limits.max_token_bytes is None:
+        return None
+    return max_prompt_tokens(limits, allowed)[0] * limits.max_token_bytes
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,91 @@ def _check_tokens(field: str, ids: Sequence[int], limits: ModelLimits) -> list[i
     return ids
 
 
+def _check_text_bytes(
+    field: str, texts: Sequence[str], limits: ModelLimits, allowed: RequestLimits
+) -> None:
+    bound = max_prompt_bytes(limits, allowed)
+    if bound is None:
+        return
+    # A character is 1-4 bytes: most prompts pass without being encoded.
+    chars = sum(len(t) for t in texts)
+    if chars * 4 <= bound:
+        return
+    size = chars if chars > bound else sum(len(t.encode()) for t in texts)
+    if size > bound:
+        raise _too_long(field, size, size == chars, bound, limits, allowed)
+
+
+def _too_long(
+    field: str, size: int, at_least: bool, bound: int, limits: ModelLimits, allowed: RequestLimits
+) -> RequestError:
+    return invalid_argument(
+        field,
+        f"{'at least ' if at_least else ''}{size} bytes of text, more than "
+        f"{max_prompt_tokens(limits, allowed)[1]} tokens can hold ({bound} bytes: "
+        f"this model's longest token is {limits.max_token_bytes} bytes)",
+    )
+
+
+def _check_prompt_size(
+    request: generate_pb2.GenerateRequest, limits: ModelLimits, allowed: RequestLimits
+) -> None:
+    """Refuses a prompt text over the byte bound from the message's encoded
+    size, before a Python string is made of it (10-20 ms and 4x its size in
+    memory at 4 MB of non-ASCII text)."""
+    bound = max_prompt_bytes(limits, allowed)
+    if bound is None or (total := request.ByteSize()) <= bound:
+        return
+    rest = generate_pb2.GenerateRequest()
+    rest.CopyFrom(request)  # bytes, no decoding
+    rest.ClearField("prompt")
+    size = _string_size(total - rest.ByteSize())
+    if size > bound:
+        raise _too_long("prompt", size, False, bound, limits, allowed)
+
+
+def _string_size(encoded: int) -> int:
+    """The length of a string field whose encoding (a one-byte tag, the
+    length as a varint, the bytes) takes `encoded` bytes."""
+    for varint in range(1, 6):
+        size = encoded - 1 - varint
+        if size < 1 << (7 * varint):
+            return size
+    raise ValueError(f"no string field is encoded in {encoded} bytes")
+
+
+def check_prompt_tokens(
+    field: str, prompt_tokens: int, limits: ModelLimits, allowed: RequestLimits = NO_LIMITS
+) -> None:
+    """The prompt's length in tokens against the router's limit and the context."""
+    if allowed.max_prompt_tokens is not None and prompt_tokens > allowed.max_prompt_tokens:
+        raise invalid_argument(
+            field,
+            f"the prompt is {prompt_tokens} tokens, above this router's limit of "
+            f"{allowed.max_prompt_tokens}",
+        )
+    if prompt_tokens >= limits.max_model_len:
+        raise invalid_argument(
+            field,
+            f"the prompt is {prompt_tokens} tokens; the model's context is "
+            f"{limits.max_model_len}, which leaves no room to generate",
+        )
+
+
+def _check_metadata_safe(field: str, value: str) -> None:
+    """gRPC metadata holds printable ASCII only: a value with anything else
+    that reaches the response headers makes gRPC itself fail the call with
+    INTERNAL ("Invalid metadata"), after the router has accepted it."""
+    if value.isascii() and value.isprintable():  # exactly 0x20-0x7E, in C
+        return
+    i, char = next((i, c) for i, c in enumerate(value) if not " " <= c <= "~")
+    raise invalid_argument(
+        field,
+        f"character {i} is {char!r} (U+{ord(char):04X}); only printable ASCII "
+        "(0x20-0x7E) is allowed, as it is sent back in response metadata",
+    )
+
+
 def _rank_pin(
     request: generate_pb2.GenerateRequest,
     metadata: Sequence[tuple[str, str | bytes]],
@@ -132,11 +237,16 @@ def _rank_pin(
     return Pin(pins[0][1], pins[0][0]) if pins else None
 
 
-def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Prompt:
+def _prompt(
+    request: generate_pb2.GenerateRequest, limits: ModelLimits, allowed: RequestLimits
+) -> Prompt:
+    _check_prompt_size(request, limits, allowed)
+    # Read once: each read of a string field copies it (10 ms at 4 MB).
+    text = request.prompt
     given = [
         name
         for name, present in (
-            ("prompt", bool(request.prompt)),
+            ("prompt", bool(text)),
             ("prompt_token_ids", bool(request.prompt_token_ids)),
             ("messages", bool(request.messages)),
         )
@@ -146,9 +256,12 @@ def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Promp
         raise invalid_argument("prompt", "empty input: set prompt, prompt_token_ids or messages")
     if len(given) > 1:
         raise invalid_argument(given[1], f"set only one input, not both {given[0]} and {given[1]}")
-    if request.prompt:
-        return Prompt(request.prompt, None, None)
+    if text:
+        _check_text_bytes("prompt", [text], limits, allowed)
+        return Prompt(text, None, None)
     if request.prompt_token_ids:
+        # Before the copy into a list: a 4 MB message holds a million ids.
+        check_prompt_tokens("prompt_token_ids", len(request.prompt_token_ids), limits, allowed)
         return Prompt(
             None, _check_tokens("prompt_token_ids", request.prompt_token_ids, limits), None
         )
@@ -156,6 +269,9 @@ def _prompt(request: generate_pb2.GenerateRequest, limits: ModelLimits) -> Promp
         if not message.role:
             raise invalid_argument(f"messages[{i}].role", "must not be empty")
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    # The template renders roles as text too.
+    texts = [text for m in messages for text in (m["role"], m["content"])]
+    _check_text_bytes("messages", texts, limits, allowed)
     return Prompt(None, None, messages)
 
 
@@ -226,10 +342,13 @@ def check_request(
     allowed: RequestLimits = NO_LIMITS,
 ) -> CheckedRequest:
     """Every check that needs no tokenizer, in the order a client reads the fields."""
-    prompt = _prompt(request, limits)
+    prompt = _prompt(request, limits, allowed)
     _check_sampling(request.sampling, limits, allowed)
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise invalid_argument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
+    # Sent back in the x-request-id header. The session key is not echoed
+    # (only traced and logged), so it may hold any text.
+    _check_metadata_safe("request_id", request.request_id)
     if len(request.session_key) > MAX_SESSION_KEY_CHARS:
         raise invalid_argument("session_key", f"longer than {MAX_SESSION_KEY_CHARS} characters")
     return CheckedRequest(
@@ -269,19 +388,8 @@ def engine_sampling(
 ) -> Sampling:
     """The sampling parameters with defaults filled in, checked against the
     context and the router's limits."""
-    if allowed.max_prompt_tokens is not None and prompt_tokens > allowed.max_prompt_tokens:
-        raise invalid_argument(
-            prompt_field,
-            f"the prompt is {prompt_tokens} tokens, above this router's limit of "
-            f"{allowed.max_prompt_tokens}",
-        )
+    check_prompt_tokens(prompt_field, prompt_tokens, limits, allowed)
     room = limits.max_model_len - prompt_tokens
-    if room < 1:
-        raise invalid_argument(
-            prompt_field,
-            f"the prompt is {prompt_tokens} tokens; the model's context is "
-            f"{limits.max_model_len}, which leaves no room to generate",
-        )
     # An unset max_tokens defaults within the context and the router's limit.
     default = min(DEFAULT_MAX_TOKENS, room, allowed.max_tokens or DEFAULT_MAX_TOKENS)
     max_tokens = s.max_tokens if s.HasField("max_tokens") else default

@@ -20,6 +20,7 @@ import psutil
 
 from router import logs
 from router.vllm_compat import make_rank_server_parser, run_rank_server
+from server.vitals import report_vitals
 
 log = logging.getLogger("dprouter.server")
 RESTART_FLAG = "--restart-on-crash"
@@ -108,6 +109,8 @@ def main() -> int:
     threading.Thread(
         target=_announce_join, args=(rank, host, port), name="announce-join", daemon=True
     ).start()
+    # The router tells a busy engine from a hung one by these (router/vitals.py).
+    report_vitals((host, port), args.data_parallel_start_rank or 0)
     run_rank_server(args)
     return 0
 

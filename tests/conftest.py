@@ -4,6 +4,7 @@ router (tiny model), started once and shared by the end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -18,7 +19,13 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster, free_port, free_ports
+from server.local_cluster import (
+    CPU_ENGINE_FLAGS,
+    ClusterSpec,
+    LocalCluster,
+    free_port,
+    free_ports,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama"
@@ -126,6 +133,26 @@ def cluster(
         yield cluster
 
 
+# The default model's ranks run this many requests at once (a full context
+# each fits their KV cache).
+SMOLLM2_MAX_NUM_SEQS = 4
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Two ranks of the default model of `make run`, at its context of 2,048
+    tokens: a full-context prompt is one engine step of several seconds here."""
+    spec = ClusterSpec(
+        model=str(SMOLLM2_MODEL),
+        listen=f"127.0.0.1:{free_port()}",
+        rpc_port=free_ports(2),
+        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(SMOLLM2_MAX_NUM_SEQS)],
+        log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
+    )
+    with LocalCluster(spec).serving(timeout=300) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 async def channel(cluster: LocalCluster) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(cluster.spec.listen) as channel:
@@ -166,6 +193,14 @@ async def wait_for_counts(
         if time.monotonic() - start > timeout:
             raise AssertionError(f"{what} not reached after {timeout} s: {counts}")
         await asyncio.sleep(0.05)
+
+
+def failed_ranks(cluster: LocalCluster) -> list[int]:
+    """The ranks the cluster's router found unhealthy, once per failure, from its log."""
+    assert cluster.spec.log_dir is not None
+    lines = (cluster.spec.log_dir / "router.log").read_text(errors="replace").splitlines()
+    events = [json.loads(line) for line in lines if '"rank unhealthy' in line]
+    return [event["rank"] for event in events]
 
 
 async def wait_for_idle_engines(

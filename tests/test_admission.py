@@ -9,17 +9,19 @@ import pytest
 from google.rpc import error_details_pb2
 
 from router import admission
-from router.admission import QueueLimits
+from router.admission import Ask, QueueLimits
 from router.errors import RequestError
-from router.ledger import RankLoad, RankState
+from router.ledger import Backlog, Pace, RankState
 from router.policies import LeastLoaded, RouteInput
 from tests.test_policies import load
 
 LIMITS = QueueLimits(capacity=2, max_queue_per_rank=2)
+# 0.01 s between two tokens of a request; 1,000 prompt tokens a second.
+PACE = Pace(itl_s=0.01, prefill_tps=1000.0)
 
 
-def timed(rank: int, in_flight: int, ttft: float = 0.1, duration: float = 2.0) -> RankLoad:
-    return dataclasses.replace(load(rank, in_flight), ttft_s=ttft, duration_s=duration)
+def no_ends(rank: int) -> None:
+    return None
 
 
 def test_full_ranks_are_skipped_and_all_full_is_resource_exhausted() -> None:
@@ -30,47 +32,84 @@ def test_full_ranks_are_skipped_and_all_full_is_resource_exhausted() -> None:
     assert LeastLoaded().decide(RouteInput([1]), loads).rank == 1
     both = admission.mark_full([load(0, 4), load(1, 5)], LIMITS)
     assert LeastLoaded().decide(RouteInput([1]), both).rank is None
-    error = admission.all_full(both, LIMITS)
+    error = admission.all_full(both, LIMITS, no_ends)
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert isinstance(error.details[0], error_details_pb2.RetryInfo)
 
 
+def test_completion_times_play_the_backlog_out_over_the_slots() -> None:
+    assert admission.completion_times(Backlog(Pace(), [(0, 10, 0.0)], []), 2) is None  # no pace
+    # Two running: 100 tokens, 0.8 s in (0.2 s left); 20 tokens, just started
+    # (0.2 s). Then two waiting take the slots as they free: a 1,000-token
+    # prompt and 50 tokens (1.5 s), then 10 tokens (0.1 s).
+    backlog = Backlog(PACE, [(0, 100, 0.8), (0, 20, 0.0)], [(1000, 50), (0, 10)])
+    ends = admission.completion_times(backlog, 2)
+    assert ends == pytest.approx([0.2, 0.2, 0.3, 1.7])
+    # With a third slot the first waiting one starts at once, in its prefill.
+    assert admission.completion_times(backlog, 3) == pytest.approx([0.2, 0.2, 0.3, 1.5])
+    # One past its expected end is taken to end within a token.
+    overdue = Backlog(PACE, [(0, 10, 5.0)], [])
+    assert admission.completion_times(overdue, 2) == pytest.approx([0.01])
+
+
 def test_retry_delay_is_when_a_slot_frees_up() -> None:
-    # Full by one request: one slot must free; a slot frees every 2.0 / 2 s.
-    assert admission.retry_delay([timed(0, 4)], LIMITS) == pytest.approx(1.0)
-    # Over the bound by two (after a bound was lowered): two slots.
-    assert admission.retry_delay([timed(0, 5)], LIMITS) == pytest.approx(2.0)
-    # The soonest rank counts; unhealthy ones do not.
-    sick = dataclasses.replace(timed(1, 4, duration=0.2), state=RankState.UNHEALTHY)
-    assert admission.retry_delay([timed(0, 4), sick], LIMITS) == pytest.approx(1.0)
-    assert admission.retry_delay([load(0, 4)], LIMITS) == admission.DEFAULT_RETRY_DELAY_S
-    assert admission.retry_delay([timed(0, 4, duration=1e-6)], LIMITS) == (
-        admission.MIN_RETRY_DELAY_S
-    )
+    ends = [0.2, 1.0, 1.1, 1.7]
+    # Full by one request: one must end; over the bound by two (a bound was lowered): two.
+    assert admission.room_wait(load(0, 4), LIMITS, ends) == pytest.approx(0.2)
+    assert admission.room_wait(load(0, 5), LIMITS, ends) == pytest.approx(1.0)
+    assert admission.room_wait(load(0, 4), LIMITS, None) is None
+    # The soonest known wait counts, kept within bounds; none known: the default.
+    assert admission.retry_delay([None, 3.0, 2.0]) == 2.0
+    assert admission.retry_delay([None]) == admission.DEFAULT_RETRY_DELAY_S
+    assert admission.retry_delay([1e-6]) == admission.MIN_RETRY_DELAY_S
+    assert admission.retry_delay([1e6]) == admission.MAX_RETRY_DELAY_S
+    # Unhealthy ranks do not count.
+    sick = dataclasses.replace(load(1, 4), state=RankState.UNHEALTHY)
+    error = admission.all_full([load(0, 4), sick], LIMITS, lambda rank: [[5.0], [0.1]][rank])
+    retry = error.details[0]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(5.0)
 
 
 def test_router_bound() -> None:
     limits = QueueLimits(capacity=2, max_queue_per_rank=2, max_in_flight=5)
-    admission.check_router_bound([load(0, 2), load(1, 2)], limits)
+    admission.check_router_bound([load(0, 2), load(1, 2)], limits, no_ends)
     with pytest.raises(RequestError) as raised:
-        admission.check_router_bound([load(0, 3), load(1, 2)], limits)
+        # Two over: the second end of all ranks' merged frees room for one.
+        admission.check_router_bound(
+            [load(0, 4), load(1, 2)], limits, lambda rank: [[0.5, 3.0], [1.0, 4.0]][rank]
+        )
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    info = raised.value.details[1]
+    retry, info = raised.value.details
     assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "ROUTER_QUEUE_FULL"
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(1.0)
 
 
-def test_first_token_estimate_counts_the_queue_ahead() -> None:
-    assert admission.first_token_estimate(load(0, 1), LIMITS) is None  # no history
-    assert admission.first_token_estimate(timed(0, 1), LIMITS) == pytest.approx(0.1)
-    # Two running, one waiting: two must finish first, one every 1 s.
-    assert admission.first_token_estimate(timed(0, 3), LIMITS) == pytest.approx(2.1)
-
-
-def test_deadline_admission() -> None:
-    admission.check_deadline(timed(0, 3), LIMITS, None)
-    admission.check_deadline(timed(0, 3), LIMITS, 2.5)
-    admission.check_deadline(load(0, 3), LIMITS, 0.01)  # no history: no refusal
-    for loaded, deadline in ((timed(0, 3), 1.0), (load(0, 0), 0.0)):
-        with pytest.raises(RequestError) as raised:
-            admission.check_deadline(loaded, LIMITS, deadline)
-        assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+def test_deadline_admission_is_per_request() -> None:
+    ends = [2.0, 30.0]  # two running: one ends in 2 s, the other in 30 s
+    short, long = Ask(prompt_tokens=4, budget=4), Ask(prompt_tokens=1000, budget=500)
+    # Room at once: only its first token must come in time.
+    admission.check_deadline(load(0, 1), LIMITS, PACE, ends, long, None)
+    admission.check_deadline(load(0, 1), LIMITS, PACE, ends, short, 0.05)
+    admission.check_deadline(load(0, 1), LIMITS, PACE, ends, long, 1.5)  # 1 s to its first token
+    with pytest.raises(RequestError) as raised:
+        admission.check_deadline(load(0, 1), LIMITS, PACE, ends, long, 0.5)
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "1000-token prompt" in raised.value.problem
+    # It would wait for one slot (2 s), then needs 0.04 s: served within 2.5 s.
+    admission.check_deadline(load(0, 2), LIMITS, PACE, ends, short, 2.5)
+    with pytest.raises(RequestError) as raised:
+        admission.check_deadline(load(0, 2), LIMITS, PACE, ends, short, 1.0)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry = raised.value.details[0]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(2.0)
+    # The long one would need 6 s after its 2 s wait.
+    with pytest.raises(RequestError):
+        admission.check_deadline(load(0, 2), LIMITS, PACE, ends, long, 7.0)
+    # No pace known: only a deadline already over is refused.
+    admission.check_deadline(load(0, 3), LIMITS, Pace(), None, long, 0.01)
+    with pytest.raises(RequestError) as raised:
+        admission.check_deadline(load(0, 0), LIMITS, Pace(), None, short, 0.0)
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

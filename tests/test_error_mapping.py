@@ -58,7 +58,9 @@ class ScriptedRank(StandInRank):
 
 def dispatcher_over(pool: StandInRank) -> Dispatcher:
     dispatcher = Dispatcher(Metrics())
-    dispatcher.attach(pool, make_policy("round_robin", 1, BLOCK, DEFAULT_LOAD_FACTOR), Ledger(1))
+    dispatcher.attach(
+        pool, make_policy("round_robin", 1, BLOCK, DEFAULT_LOAD_FACTOR), Ledger(1, pool.capacity)
+    )
     return dispatcher
 
 
@@ -81,7 +83,7 @@ async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
     request = generate_pb2.GenerateRequest(
         prompt="hello", sampling=generate_pb2.SamplingParams(max_tokens=8)
     )
-    job = dispatcher.prepare(request, (), tracing.start("test", (), "test"))
+    job = await dispatcher.prepare(request, (), tracing.start("test", (), "test"))
     assert dispatcher.loads()[0].in_flight == 1
 
     deltas = []
@@ -111,6 +113,6 @@ async def test_the_request_priority_reaches_the_rank() -> None:
         request = generate_pb2.GenerateRequest(
             prompt="hello", priority=priority, sampling=generate_pb2.SamplingParams(max_tokens=2)
         )
-        job = dispatcher.prepare(request, (), tracing.start("test", (), "test"))
+        job = await dispatcher.prepare(request, (), tracing.start("test", (), "test"))
         assert len([delta async for delta in dispatcher.run(job, None)]) == 2
     assert pool.priorities == [0, -3, 7]

@@ -26,12 +26,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import LocalCluster
-from tests.conftest import LONG_TOKENS, OtlpReceiver, otlp_env, tiny_spec
+from tests.conftest import LONG_TOKENS, OtlpReceiver, failed_ranks, otlp_env, tiny_spec
 from tests.test_routing import keys_homed_on, request, route_of, routed, routed_and_served
 from tests.test_tracing import ERROR, attributes, wait_for_attempts, wait_for_span
 
 DETECTION_BOUND_S = 5.0
 CUT_BOUND_S = DETECTION_BOUND_S + 5
+KILL_BOUND_S = 1.0
+STOPPED_ENGINE_BOUND_S = 2.0
+# The ranks the tests broke on purpose, one entry per break.
+BROKEN: list[int] = []
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -154,6 +158,7 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
     keys = keys_homed_on(1, 4)
     server = broken_cluster.ranks[1]
     os.killpg(server.pid, signal.SIGSTOP)  # a hang, not a death
+    BROKEN.append(1)
     try:
         stopped = time.monotonic()
         # Routed to rank 1 before the router knows: they produce nothing there,
@@ -209,6 +214,33 @@ async def test_a_stopped_rank_is_detected_its_requests_retried_and_it_is_readmit
           f"re-admitted {readmitted:.2f} s after SIGCONT")  # fmt: skip
 
 
+async def test_a_stopped_engine_is_found_by_its_rank_servers_vitals(
+    broken_cluster: LocalCluster, stubs: Stubs
+) -> None:
+    """SIGSTOP of the engine process alone: its rank server, still running,
+    reports it stopped, and the rank is failed at once, not after a silence."""
+    generate, _, health = stubs
+    await wait_health(health, "rank/0", SERVING, timeout=30)
+    await routed(generate, request("first", data_parallel_rank=0))
+    engine = broken_cluster.engine_process(0)
+    engine.suspend()
+    BROKEN.append(0)
+    try:
+        stopped = time.monotonic()
+        await wait_health(health, "rank/0", NOT_SERVING, timeout=DETECTION_BOUND_S + 5)
+        detected_after = time.monotonic() - stopped
+        assert detected_after < STOPPED_ENGINE_BOUND_S, detected_after
+        _, metadata = await routed(generate, request("meanwhile"))
+        assert route_of(metadata)[0] == 1
+    finally:
+        engine.resume()
+    readmitted = await wait_health(health, "rank/0", SERVING, timeout=10)
+    _, metadata = await routed(generate, request("back", data_parallel_rank=0))
+    assert route_of(metadata)[0] == 0
+    print(f"stopped engine detected after {detected_after:.2f} s, "
+          f"re-admitted {readmitted:.2f} s after SIGCONT")  # fmt: skip
+
+
 async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     broken_cluster: LocalCluster,
     stubs: Stubs,
@@ -242,6 +274,9 @@ async def test_a_killed_engine_ends_its_streams_and_the_restarted_rank_rejoins(
     ends = [asyncio.ensure_future(finish(i)) for i in range(16)]
     broken_cluster.engine_process(1).kill()  # kill -9
     killed = time.monotonic()
+    BROKEN.append(1)
+    detected = await wait_health(health, "rank/1", NOT_SERVING, timeout=CUT_BOUND_S)
+    assert detected < KILL_BOUND_S, detected
     # Detection counts from the last output the router processed; with 16
     # streams on 2 cores the router can be seconds behind the engines.
     done, _ = await asyncio.wait([ends[i] for i in range(1, 16, 2)], timeout=CUT_BOUND_S)
@@ -290,6 +325,7 @@ async def test_a_rank_whose_join_fails_is_waited_for_again(
     wrong[wrong.index("-dp") + 1] = "2"
     wrong[wrong.index("-dpr") + 1] = "1"
     broken_cluster.restart_rank(1, wrong)
+    BROKEN.append(1)
     await wait_health(health, "rank/1", NOT_SERVING, timeout=CUT_BOUND_S)
     async with asyncio.timeout(120):
         while failed_joins() == before:
@@ -314,6 +350,7 @@ async def test_a_partitioned_rank_is_detected_failed_over_and_readmitted(
     for call in calls:
         assert isinstance(await call.read(), generate_pb2.GenerateResponse)
     far_rank.set_link(False)
+    BROKEN.append(1)
     try:
         cut = time.monotonic()
         await wait_health(health, "rank/1", NOT_SERVING, timeout=DETECTION_BOUND_S + 5)
@@ -338,3 +375,8 @@ async def test_a_partitioned_rank_is_detected_failed_over_and_readmitted(
     assert route_of(metadata)[0] == 1
     print(f"partitioned rank detected after {detected_after:.2f} s, "
           f"re-admitted {readmitted:.2f} s after the link came back")  # fmt: skip
+
+
+def test_no_rank_was_failed_but_those_broken_on_purpose(broken_cluster: LocalCluster) -> None:
+    """Last of the module: every failure the router logged was a break above."""
+    assert failed_ranks(broken_cluster) == BROKEN

@@ -1,5 +1,6 @@
-"""Ctrl-C on `python -m server.local_cluster` (what `make run` starts) stops
-every process it started, the engine processes included: none is orphaned."""
+"""Ctrl-C or SIGTERM on `python -m server.local_cluster` (what `make run`
+starts) stops every process it started, the engine processes included (none
+is orphaned), and it exits 0."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ def running(processes: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def test_ctrl_c_leaves_no_engine_process_behind(
-    tmp_path_factory: pytest.TempPathFactory,
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_leaves_no_engine_process_behind(
+    stop: signal.Signals, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    spec = tiny_spec("ctrl-c", tmp_path_factory, ranks=1)
+    spec = tiny_spec(f"stop-{stop.name}", tmp_path_factory, ranks=1)
     assert spec.log_dir is not None
     spec.log_dir.mkdir(parents=True, exist_ok=True)
     with open(spec.log_dir / "local_cluster.log", "wb") as out:
@@ -62,7 +64,7 @@ def test_ctrl_c_leaves_no_engine_process_behind(
         assert any("EngineCore" in p.name() or "EngineCore" in c
                    for p, c in zip(descendants, commands, strict=True)), commands  # fmt: skip
 
-        os.killpg(cluster.pid, signal.SIGINT)
+        os.killpg(cluster.pid, stop)
         assert cluster.wait(EXIT_TIMEOUT_S) == 0
         # The command waited for its processes; a SIGKILL to a group lands
         # an instant later.

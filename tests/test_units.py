@@ -128,3 +128,103 @@ def test_vllm_is_imported_in_one_module_only() -> None:
         if re.search(r"^\s*(from|import) vllm\b", path.read_text(), re.MULTILINE)
     }
     assert importing == {"router/vllm_compat.py"}
+
+
+@pytest.mark.parametrize(
+    ("request_id", "at"),
+    [("id\n", 2), ("a\rb", 1), ("\tx", 0), ("x\x00", 1), ("del\x7f", 3), ("\x1b[0m", 0),
+     ("café", 3), ("日本", 0), ("ok😀", 2), ("e\u0301", 1), ("\ufffd", 0), ("שלום", 0)],
+)  # fmt: skip
+def test_request_ids_are_printable_ascii(request_id: str, at: int) -> None:
+    """The id goes back in the x-request-id header, which gRPC refuses
+    (INTERNAL) unless it is printable ASCII."""
+    request = generate_pb2.GenerateRequest(prompt="a", request_id=request_id)
+    with pytest.raises(RequestError) as raised:
+        validation.check_request(request, (), LIMITS)
+    assert field_of(raised) == "request_id"
+    char = request_id[at]
+    assert raised.value.problem.startswith(f"character {at} is {char!r} (U+{ord(char):04X})")
+    every = "".join(map(chr, range(0x20, 0x7F)))
+    for fine in (every[:128], every[-128:], " "):
+        assert (
+            validation.check_request(
+                generate_pb2.GenerateRequest(prompt="a", request_id=fine), (), LIMITS
+            ).request_id
+            == fine
+        )
+
+
+def test_other_strings_may_hold_any_text() -> None:
+    odd = "\x00\x1b\x7f\n\r\t 😀 日本語 שלום e\u0301 \ufffd"
+    request = generate_pb2.GenerateRequest(
+        messages=[generate_pb2.ChatMessage(role=odd, content=odd)],
+        session_key=odd,
+        sampling=S(stop=[odd]),
+    )
+    checked = validation.check_request(request, (), LIMITS)
+    assert checked.prompt.messages == [{"role": odd, "content": odd}]
+    assert checked.session_key == odd
+    assert validation.check_request(generate_pb2.GenerateRequest(prompt=odd), (), LIMITS)
+
+
+BYTES = validation.ModelLimits(100, 50, 2, max_token_bytes=5)  # 500 bytes of prompt at most
+
+
+def test_prompt_text_is_bounded_by_bytes_before_tokenizing() -> None:
+    def check(allowed: validation.RequestLimits = validation.NO_LIMITS, **input: object) -> None:
+        request = generate_pb2.GenerateRequest(**input)  # type: ignore[arg-type]
+        validation.check_request(request, (), BYTES, allowed)
+
+    assert validation.max_prompt_bytes(BYTES, validation.NO_LIMITS) == 500
+    check(prompt="a" * 500)
+    check(prompt="é" * 250)  # 2 bytes a character
+    check(prompt="😀" * 125)  # 4
+    for prompt, size in [("a" * 501, "501"), ("é" * 251, "502"), ("😀" * 126, "504")]:
+        with pytest.raises(RequestError) as raised:
+            check(prompt=prompt)
+        assert field_of(raised) == "prompt"
+        assert raised.value.problem == (
+            f"{size} bytes of text, more than the model's context of 100 tokens can hold "
+            "(500 bytes: this model's longest token is 5 bytes)"
+        )
+    # The router's own limit lowers the bound.
+    few = validation.RequestLimits(max_prompt_tokens=10)
+    assert validation.max_prompt_bytes(BYTES, few) == 50
+    check(few, prompt="a" * 50)
+    with pytest.raises(RequestError) as raised:
+        check(few, prompt="a" * 51)
+    assert "more than this router's limit of 10 tokens can hold (50 bytes" in raised.value.problem
+    # Messages count their roles and contents together.
+    M = generate_pb2.ChatMessage
+    check(messages=[M(role="user", content="a" * 246), M(role="user", content="é" * 123)])
+    with pytest.raises(RequestError) as raised:
+        check(messages=[M(role="user", content="a" * 246), M(role="user", content="é" * 124)])
+    assert field_of(raised) == "messages"
+    # Unknown token sizes leave the text to the token count.
+    validation.check_request(generate_pb2.GenerateRequest(prompt="a" * 10_000), (), LIMITS)
+
+
+def test_prompt_token_ids_are_counted_before_they_are_copied() -> None:
+    # Out of the vocabulary too: the length is what is refused, before any id is read.
+    request = generate_pb2.GenerateRequest(prompt_token_ids=[10**6] * 100)
+    with pytest.raises(RequestError) as raised:
+        validation.check_request(request, (), LIMITS)
+    assert field_of(raised) == "prompt_token_ids"
+    with pytest.raises(RequestError) as later:
+        validation.engine_sampling(S(), "prompt_token_ids", 100, LIMITS)
+    assert (
+        raised.value.problem
+        == later.value.problem
+        == (
+            "the prompt is 100 tokens; the model's context is 100, which leaves no room to generate"
+        )
+    )
+    few = validation.RequestLimits(max_prompt_tokens=10)
+    request = generate_pb2.GenerateRequest(prompt_token_ids=[10**6] * 11)
+    with pytest.raises(RequestError) as raised:
+        validation.check_request(request, (), LIMITS, few)
+    assert raised.value.problem == "the prompt is 11 tokens, above this router's limit of 10"
+    ids = validation.check_request(
+        generate_pb2.GenerateRequest(prompt_token_ids=[1] * 99), (), LIMITS
+    )
+    assert ids.prompt.token_ids == [1] * 99
