@@ -67,15 +67,16 @@ def completion_times(backlog: Backlog, capacity: int) -> list[float] | None:
     """Seconds from now at which each in-flight request of a rank can be
     expected to end, soonest first; None while its pace is not known.
 
-    A running request ends its whole budget at the rank's pace after it got
-    its slot (one that has run longer than that is taken to be near its
-    end); the others wait, and take the slots as they free up."""
+    A running request ends its budget at the rank's recent pace from when
+    it got its slot, and, the more of its budget it has produced, at its own
+    pace so far (a rank's pace changes with its load; a few first tokens
+    say little). The others wait, and take the slots as they free up."""
     pace = backlog.pace
     if pace.itl_s is None:
         return None
     running = [
-        max(_request_s(pace, prompt, budget) - elapsed, pace.itl_s)
-        for prompt, budget, elapsed in backlog.running
+        _remaining_s(pace, prompt, budget, elapsed, tokens)
+        for prompt, budget, elapsed, tokens in backlog.running
     ]
     queue: deque[tuple[int, int]] = deque(backlog.waiting)
     while queue and len(running) < capacity:  # a bound lowered, or a slot not yet noted
@@ -90,6 +91,13 @@ def completion_times(backlog: Backlog, capacity: int) -> list[float] | None:
             prompt, budget = queue.popleft()
             heapq.heappush(running, end + _request_s(pace, prompt, budget))
     return ends
+
+
+def _remaining_s(pace: Pace, prompt: int, budget: int, elapsed: float, tokens: int) -> float:
+    by_rank = max(_request_s(pace, prompt, budget) - elapsed, 0.0)
+    by_itself = (budget - tokens) * elapsed / tokens if tokens else by_rank
+    done = min(tokens / budget, 1.0) if budget else 1.0
+    return max(done * by_itself + (1 - done) * by_rank, pace.itl_s or 0.0)
 
 
 def _request_s(pace: Pace, prompt_tokens: int, budget: int) -> float:
@@ -119,6 +127,15 @@ def retry_delay(waits: Sequence[float | None]) -> float:
 def room_wait(load: RankLoad, limits: QueueLimits, ends: Sequence[float] | None) -> float | None:
     """Seconds until a full rank can take one more request."""
     return wait_for_slots(ends, load.in_flight - limits.rank_bound + 1)
+
+
+def retry_delay_of(error: RequestError) -> float:
+    """The retry delay a refusal carries (infinite for one without)."""
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.RetryInfo):
+            delay: float = detail.retry_delay.ToTimedelta().total_seconds()
+            return delay
+    return float("inf")
 
 
 def exhausted(problem: str, reason: str, delay_s: float) -> RequestError:
@@ -181,41 +198,51 @@ class Ask:
 
     prompt_tokens: int
     budget: int  # max_tokens x n
+    # It produces its whole budget (ignore_eos, or min_tokens = max_tokens):
+    # starting at once, it must also finish in time.
+    exact: bool = False
 
 
-def check_deadline(
+def deadline_refusal(
     load: RankLoad,
     limits: QueueLimits,
     pace: Pace,
     ends: Sequence[float] | None,
     ask: Ask,
-    deadline_s: float | None,
-) -> None:
-    """Refuses a request that cannot be served before its deadline on the
-    rank: RESOURCE_EXHAUSTED when it would queue and could not finish its
-    budget in time, DEADLINE_EXCEEDED when it can start at once but its
-    first token cannot come in time."""
-    if deadline_s is None:
-        return
+    deadline_s: float,
+) -> RequestError | None:
+    """Why the rank cannot serve the request before its deadline, if it
+    cannot: RESOURCE_EXHAUSTED when it would queue and could not finish its
+    budget in time (retry when the slot it would wait for frees);
+    DEADLINE_EXCEEDED when it can start at once but its first token (or,
+    for a request of exact length, its last) cannot come in time. The
+    budget of other requests is an upper bound: they may stop early."""
     if deadline_s <= 0:
-        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline is already over")
+        return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline is already over")
     ahead = load.in_flight + 1 - limits.capacity
+    work = pace.request_s(ask.prompt_tokens, ask.budget)
     if ahead > 0:
         start = wait_for_slots(ends, ahead)
-        work = pace.request_s(ask.prompt_tokens, ask.budget)
         if start is not None and work is not None and start + work > deadline_s:
-            raise exhausted(
+            return exhausted(
                 f"the deadline ({deadline_s:.3f} s) ends before the request could finish on "
                 f"rank {load.rank}: {ahead} requests must end before it starts "
                 f"(~{start:.2f} s), and it needs ~{work:.2f} s",
                 "DEADLINE_BEYOND_QUEUE",
                 retry_delay([start]),
             )
-        return
+        return None
+    if ask.exact and work is not None and work > deadline_s:
+        return RequestError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"the deadline ({deadline_s:.3f} s) ends before the request's {ask.budget} tokens "
+            f"can be expected on rank {load.rank} (~{work:.2f} s)",
+        )
     first = pace.first_token_s(ask.prompt_tokens)
     if first is not None and first > deadline_s:
-        raise RequestError(
+        return RequestError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"the deadline ({deadline_s:.3f} s) ends before the first token can be expected "
             f"on rank {load.rank} ({first:.3f} s for a {ask.prompt_tokens}-token prompt)",
         )
+    return None

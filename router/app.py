@@ -50,7 +50,7 @@ def build_server(
     if config.auth_tokens:
         # First, so an unauthenticated call learns nothing about its request.
         interceptors.append(BearerTokenInterceptor(config.auth_tokens))
-    interceptors.append(MalformedRequestInterceptor())
+    interceptors.append(MalformedRequestInterceptor(dispatcher.prompt_bytes_bound))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

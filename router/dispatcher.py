@@ -70,6 +70,8 @@ class _Admitted:
 log = logging.getLogger("dprouter")
 PIN_POLICY = "pin"
 RETRY_REASON = "retry_after_rank_failure"
+# The policy's rank could not serve the request before its deadline; this one can.
+DEADLINE_REASON = "deadline"
 # How long a rank's estimated backlog serves admission before it is worked
 # out again: a burst of refusals shares one.
 BACKLOG_TTL_S = 0.1
@@ -147,6 +149,13 @@ class Dispatcher:
         self.queue_limits = admission.QueueLimits(
             pool.capacity, pool.capacity if queue is None else queue, self._max_in_flight
         )
+
+    def prompt_bytes_bound(self) -> int | None:
+        """The most bytes of prompt text the ranks' context could hold (None
+        before they join)."""
+        if self.pool is None:
+            return None
+        return validation.max_prompt_bytes(self.pool.limits, self.allowed)
 
     def loads(self) -> list[RankLoad]:
         return self.ledger.loads(self.pool.engine_loads() if self.pool is not None else None)
@@ -256,10 +265,47 @@ class Dispatcher:
             decision = Decision(pin.rank, PIN_POLICY, pin.field, candidates)
             rank = pin.rank
         if deadline_s is not None:
-            pace, ends = self._backlog(rank)
-            ask = admission.Ask(len(admitted.prompt_token_ids), _budget(admitted.sampling))
-            admission.check_deadline(loads[rank], limits, pace, ends, ask, deadline_s)
+            sampling = admitted.sampling
+            exact = sampling.min_tokens >= sampling.max_tokens or (
+                sampling.ignore_eos and not sampling.stop and not sampling.stop_token_ids
+            )
+            ask = admission.Ask(len(admitted.prompt_token_ids), _budget(sampling), exact)
+            refused = self._deadline_refusal(loads[rank], ask, deadline_s)
+            if refused is not None:
+                if pin is not None or refused.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise refused
+                decision = self._in_time_elsewhere(loads, decision, ask, deadline_s, refused)
         return decision
+
+    def _deadline_refusal(
+        self, load: RankLoad, ask: admission.Ask, deadline_s: float
+    ) -> RequestError | None:
+        pace, ends = self._backlog(load.rank)
+        return admission.deadline_refusal(load, self.queue_limits, pace, ends, ask, deadline_s)
+
+    def _in_time_elsewhere(
+        self,
+        loads: Sequence[RankLoad],
+        decision: Decision,
+        ask: admission.Ask,
+        deadline_s: float,
+        refused: RequestError,
+    ) -> Decision:
+        """Another rank that can serve the request before its deadline, when
+        the policy's choice would queue it too long; else the refusal of the
+        rank that could take it soonest."""
+        refusals = [refused]
+        others = sorted(
+            (ld for ld in loads if ld.state is RankState.SERVING and not ld.full
+             and ld.rank != decision.rank),
+            key=load_score,
+        )  # fmt: skip
+        for load in others:
+            other = self._deadline_refusal(load, ask, deadline_s)
+            if other is None:
+                return Decision(load.rank, decision.policy, DEADLINE_REASON, decision.candidates)
+            refusals.append(other)
+        raise min(refusals, key=admission.retry_delay_of)
 
     async def explain(
         self,

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 # Weight of the newest request in the moving averages of its rank's pace:
 # about the last ten requests count.
 EWMA_WEIGHT = 0.2
+# A request with fewer output tokens tells nothing of the pace between them:
+# its time is its prompt's, and the other prompts' prefilled before it.
+PACE_MIN_TOKENS = 16
 
 
 class RankState(enum.Enum):
@@ -83,9 +86,9 @@ class Backlog:
     time until one of its slots frees is estimated from (admission.py)."""
 
     pace: Pace
-    # (prompt tokens, output budget, seconds since it got its slot) of the
-    # requests the engine runs.
-    running: list[tuple[int, int, float]]
+    # (prompt tokens, output budget, seconds since it got its slot, output
+    # tokens so far) of the requests the engine runs.
+    running: list[tuple[int, int, float, int]]
     # (prompt tokens, output budget) of those waiting for a slot, oldest first.
     waiting: list[tuple[int, int]]
 
@@ -217,7 +220,7 @@ class Ledger:
             counts.queued_prompt_tokens -= entry.prompt_tokens
         if outcome is Outcome.SERVED:
             counts.served += 1
-            if entry.slot_at and entry.tokens:
+            if entry.slot_at and entry.tokens >= PACE_MIN_TOKENS:
                 itl = self._decode_s(entry, now) / entry.tokens
                 counts.itl_s = _average(counts.itl_s, itl)
         elif outcome is Outcome.FAILED:
@@ -238,7 +241,9 @@ class Ledger:
         running, waiting = [], []
         for entry in self._entries[rank].values():
             if entry.slot_at:
-                running.append((entry.prompt_tokens, entry.budget, now - entry.slot_at))
+                running.append(
+                    (entry.prompt_tokens, entry.budget, now - entry.slot_at, entry.tokens)
+                )
             else:
                 waiting.append((entry.prompt_tokens, entry.budget))
         counts = self._counts[rank]

@@ -224,7 +224,10 @@ class _Rpc:
                 context.set_trailing_metadata(
                     (*(context.trailing_metadata() or ()), *_route_metadata(job))
                 )
-            trace.end(code, message, _span_attributes(outcome))
+            attributes = _span_attributes(outcome)
+            if job is None and client_request_id:  # refused before it was routed
+                attributes["gen_ai.request.id"] = client_request_id
+            trace.end(code, message, attributes)
             self.dispatcher.metrics.finished(self.method, code.name)
             log.log(
                 logging.ERROR if failure else logging.INFO,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from dprouter.v1 import generate_pb2
 from router.engine_types import Sampling
 from router.errors import RequestError, invalid_argument
+from router.wire import oversized_prompt
 
 # The metadata key vLLM's own gRPC front end uses to pin a rank.
 RANK_METADATA_KEY = "x-data-parallel-rank"
@@ -149,31 +150,12 @@ def _too_long(
     )
 
 
-def _check_prompt_size(
-    request: generate_pb2.GenerateRequest, limits: ModelLimits, allowed: RequestLimits
-) -> None:
-    """Refuses a prompt text over the byte bound from the message's encoded
-    size, before a Python string is made of it (10-20 ms and 4x its size in
-    memory at 4 MB of non-ASCII text)."""
-    bound = max_prompt_bytes(limits, allowed)
-    if bound is None or (total := request.ByteSize()) <= bound:
-        return
-    rest = generate_pb2.GenerateRequest()
-    rest.CopyFrom(request)  # bytes, no decoding
-    rest.ClearField("prompt")
-    size = _string_size(total - rest.ByteSize())
-    if size > bound:
+def _check_prompt_size(limits: ModelLimits, allowed: RequestLimits) -> None:
+    """Refuses a prompt the wire layer found over the byte bound and left
+    unparsed (`wire.oversized_prompt`)."""
+    size, bound = oversized_prompt(), max_prompt_bytes(limits, allowed)
+    if size is not None and bound is not None and size > bound:
         raise _too_long("prompt", size, False, bound, limits, allowed)
-
-
-def _string_size(encoded: int) -> int:
-    """The length of a string field whose encoding (a one-byte tag, the
-    length as a varint, the bytes) takes `encoded` bytes."""
-    for varint in range(1, 6):
-        size = encoded - 1 - varint
-        if size < 1 << (7 * varint):
-            return size
-    raise ValueError(f"no string field is encoded in {encoded} bytes")
 
 
 def check_prompt_tokens(
@@ -240,13 +222,12 @@ def _rank_pin(
 def _prompt(
     request: generate_pb2.GenerateRequest, limits: ModelLimits, allowed: RequestLimits
 ) -> Prompt:
-    _check_prompt_size(request, limits, allowed)
     # Read once: each read of a string field copies it (10 ms at 4 MB).
     text = request.prompt
     given = [
         name
         for name, present in (
-            ("prompt", bool(text)),
+            ("prompt", bool(text) or oversized_prompt() is not None),
             ("prompt_token_ids", bool(request.prompt_token_ids)),
             ("messages", bool(request.messages)),
         )
@@ -256,6 +237,7 @@ def _prompt(
         raise invalid_argument("prompt", "empty input: set prompt, prompt_token_ids or messages")
     if len(given) > 1:
         raise invalid_argument(given[1], f"set only one input, not both {given[0]} and {given[1]}")
+    _check_prompt_size(limits, allowed)
     if text:
         _check_text_bytes("prompt", [text], limits, allowed)
         return Prompt(text, None, None)

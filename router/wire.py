@@ -1,15 +1,23 @@
-"""Names the field of a request that protobuf refused to parse.
+"""Reads requests off the wire: names the field protobuf refused to parse,
+and leaves an oversized prompt unparsed.
 
 proto3 `string` fields must hold valid UTF-8; protobuf rejects the whole
 message otherwise and gRPC would answer INTERNAL with no hint. The interceptor
 here catches the parse failure and answers INVALID_ARGUMENT naming the field,
 found by walking the wire format against the request's descriptor.
+
+A prompt longer than any the model's context could hold (`validation.
+max_prompt_bytes`) is cut out of the wire bytes before the rest is parsed,
+and its size noted (`oversized_prompt`) for validation to refuse: parsing
+and checking 4 MB of text took ~10 ms of the event loop and left its
+buffers in the router's memory.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -76,6 +84,79 @@ def bad_field(data: bytes, message: Descriptor, prefix: str = "") -> str | None:
     return None
 
 
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def cut_field(data: bytes, path: Sequence[int], longer_than: int) -> tuple[bytes, int] | None:
+    """`data` without the length-delimited field at `path` (field numbers,
+    outermost first), and that field's length, when it is longer than
+    `longer_than` bytes; None when it is not there or not that long, or when
+    the wire format is broken (the parser then names the problem)."""
+    pos, cut, size = 0, [], 0
+    try:
+        while pos < len(data):
+            start = pos
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            elif wire_type == 2:
+                length, value = _varint(data, pos)
+                pos = value + length
+                if pos > len(data):
+                    return None
+                if number == path[0] and len(path) == 1 and length > longer_than:
+                    cut.append((start, pos, b""))
+                    size = max(size, length)
+                elif number == path[0] and len(path) > 1:
+                    inner = cut_field(data[value:pos], path[1:], longer_than)
+                    if inner is not None:
+                        field, found = inner
+                        cut.append((start, pos, data[start:value - len(_encode_varint(length))]
+                                    + _encode_varint(len(field)) + field))  # fmt: skip
+                        size = max(size, found)
+            else:
+                return None
+    except _Truncated:
+        return None
+    if not cut:
+        return None
+    pieces, last = [], 0
+    for start, end, replacement in cut:
+        pieces += [data[last:start], replacement]
+        last = end
+    pieces.append(data[last:])
+    return b"".join(pieces), size
+
+
+# The size of the request's prompt when the interceptor cut it out (None: not cut).
+_OVERSIZED_PROMPT: ContextVar[int | None] = ContextVar("oversized_prompt", default=None)
+
+
+def oversized_prompt() -> int | None:
+    """The size in bytes of this request's prompt if it was cut out unparsed."""
+    return _OVERSIZED_PROMPT.get()
+
+
+def _prompt_path(message: Descriptor) -> list[int] | None:
+    """Field numbers down to the request's `prompt`: in it, or in its `request`."""
+    if "prompt" in message.fields_by_name:
+        return [message.fields_by_name["prompt"].number]
+    inner = message.fields_by_name.get("request")
+    if inner is not None and inner.message_type is not None:
+        rest = _prompt_path(inner.message_type)
+        return None if rest is None else [inner.number, *rest]
+    return None
+
+
 class _Malformed:
     def __init__(self, problem: str) -> None:
         self.problem = problem
@@ -98,9 +179,11 @@ if TYPE_CHECKING:  # generic only in the type stubs
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Turns unparsable requests into INVALID_ARGUMENT naming the bad field."""
+    """Turns unparsable requests into INVALID_ARGUMENT naming the bad field,
+    and cuts out prompts over `prompt_bound()` bytes (None: no bound yet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_bound: Callable[[], int | None]) -> None:
+        self._prompt_bound = prompt_bound
         # Per method, its handler with our parsing: built at the method's
         # first call, not at every call. Last in the chain, this interceptor
         # always receives the registered handler, so one per method.
@@ -118,16 +201,30 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[t
         input_type = _input_type(method)
         if handler is None or input_type is None or handler.request_deserializer is None:
             return handler
-        checked = self._handlers[method] = _checking(handler, input_type)
+        checked = self._handlers[method] = _checking(handler, input_type, self._prompt_bound)
         return checked
 
 
-def _checking(handler: Handler, message: Descriptor) -> Handler:
-    """`handler`, answering INVALID_ARGUMENT to a request that does not parse."""
+def _checking(
+    handler: Handler, message: Descriptor, prompt_bound: Callable[[], int | None]
+) -> Handler:
+    """`handler`, answering INVALID_ARGUMENT to a request that does not parse,
+    and parsing a request whose prompt is over the bound without it."""
     parse = handler.request_deserializer
     assert parse is not None
+    prompt_path = _prompt_path(message)
 
     def deserialize(data: bytes) -> Any:
+        bound = prompt_bound()
+        if (
+            prompt_path is not None
+            and bound is not None
+            and len(data) > bound
+            and (cut := cut_field(data, prompt_path, bound)) is not None
+        ):
+            data, size = cut
+            # The handler runs in this task, and validation reads it there.
+            _OVERSIZED_PROMPT.set(size)
         try:
             return parse(data)
         except DecodeError:

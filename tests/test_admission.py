@@ -38,17 +38,20 @@ def test_full_ranks_are_skipped_and_all_full_is_resource_exhausted() -> None:
 
 
 def test_completion_times_play_the_backlog_out_over_the_slots() -> None:
-    assert admission.completion_times(Backlog(Pace(), [(0, 10, 0.0)], []), 2) is None  # no pace
-    # Two running: 100 tokens, 0.8 s in (0.2 s left); 20 tokens, just started
-    # (0.2 s). Then two waiting take the slots as they free: a 1,000-token
-    # prompt and 50 tokens (1.5 s), then 10 tokens (0.1 s).
-    backlog = Backlog(PACE, [(0, 100, 0.8), (0, 20, 0.0)], [(1000, 50), (0, 10)])
+    no_pace = Backlog(Pace(), [(0, 10, 0.0, 0)], [])
+    assert admission.completion_times(no_pace, 2) is None
+    # Two running: 100 tokens, half of them out in 2 s, at half the rank's
+    # pace (by it: 2 s left; by the rank's: none; half of each: 1 s); 20
+    # tokens, just started, none out (the rank's pace: 0.2 s). Then two
+    # waiting take the slots as they free: a 1,000-token prompt and 50
+    # tokens (1.5 s), then 10 tokens (0.1 s).
+    backlog = Backlog(PACE, [(0, 100, 2.0, 50), (0, 20, 0.0, 0)], [(1000, 50), (0, 10)])
     ends = admission.completion_times(backlog, 2)
-    assert ends == pytest.approx([0.2, 0.2, 0.3, 1.7])
+    assert ends == pytest.approx([0.2, 1.0, 1.1, 1.7])
     # With a third slot the first waiting one starts at once, in its prefill.
-    assert admission.completion_times(backlog, 3) == pytest.approx([0.2, 0.2, 0.3, 1.5])
-    # One past its expected end is taken to end within a token.
-    overdue = Backlog(PACE, [(0, 10, 5.0)], [])
+    assert admission.completion_times(backlog, 3) == pytest.approx([0.2, 0.3, 1.0, 1.5])
+    # One past its expected end with no output yet is taken to end within a token.
+    overdue = Backlog(PACE, [(0, 10, 5.0, 0)], [])
     assert admission.completion_times(overdue, 2) == pytest.approx([0.01])
 
 
@@ -86,30 +89,35 @@ def test_router_bound() -> None:
     assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(1.0)
 
 
+def refusal(
+    in_flight: int, pace: Pace, ends: list[float] | None, ask: Ask, deadline: float
+) -> RequestError | None:
+    return admission.deadline_refusal(load(0, in_flight), LIMITS, pace, ends, ask, deadline)
+
+
 def test_deadline_admission_is_per_request() -> None:
     ends = [2.0, 30.0]  # two running: one ends in 2 s, the other in 30 s
     short, long = Ask(prompt_tokens=4, budget=4), Ask(prompt_tokens=1000, budget=500)
     # Room at once: only its first token must come in time.
-    admission.check_deadline(load(0, 1), LIMITS, PACE, ends, long, None)
-    admission.check_deadline(load(0, 1), LIMITS, PACE, ends, short, 0.05)
-    admission.check_deadline(load(0, 1), LIMITS, PACE, ends, long, 1.5)  # 1 s to its first token
-    with pytest.raises(RequestError) as raised:
-        admission.check_deadline(load(0, 1), LIMITS, PACE, ends, long, 0.5)
-    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "1000-token prompt" in raised.value.problem
+    assert refusal(1, PACE, ends, short, 0.05) is None
+    assert refusal(1, PACE, ends, long, 1.5) is None  # 1 s to its first token
+    refused = refusal(1, PACE, ends, long, 0.5)
+    assert refused is not None and refused.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "1000-token prompt" in refused.problem
     # It would wait for one slot (2 s), then needs 0.04 s: served within 2.5 s.
-    admission.check_deadline(load(0, 2), LIMITS, PACE, ends, short, 2.5)
-    with pytest.raises(RequestError) as raised:
-        admission.check_deadline(load(0, 2), LIMITS, PACE, ends, short, 1.0)
-    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    retry = raised.value.details[0]
-    assert isinstance(retry, error_details_pb2.RetryInfo)
-    assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(2.0)
+    assert refusal(2, PACE, ends, short, 2.5) is None
+    refused = refusal(2, PACE, ends, short, 1.0)
+    assert refused is not None and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert admission.retry_delay_of(refused) == pytest.approx(2.0)
     # The long one would need 6 s after its 2 s wait.
-    with pytest.raises(RequestError):
-        admission.check_deadline(load(0, 2), LIMITS, PACE, ends, long, 7.0)
+    assert refusal(2, PACE, ends, long, 7.0) is not None
+    # Of exact length, starting at once: it must also finish in time (5.5 s).
+    exact = Ask(prompt_tokens=1000, budget=500, exact=True)
+    assert refusal(1, PACE, ends, exact, 6.0) is None
+    refused = refusal(1, PACE, ends, exact, 5.0)
+    assert refused is not None and refused.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "500 tokens" in refused.problem
     # No pace known: only a deadline already over is refused.
-    admission.check_deadline(load(0, 3), LIMITS, Pace(), None, long, 0.01)
-    with pytest.raises(RequestError) as raised:
-        admission.check_deadline(load(0, 0), LIMITS, Pace(), None, short, 0.0)
-    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert refusal(3, Pace(), None, long, 0.01) is None
+    refused = refusal(0, Pace(), None, short, 0.0)
+    assert refused is not None and refused.code == grpc.StatusCode.DEADLINE_EXCEEDED

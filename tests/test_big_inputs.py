@@ -1,5 +1,5 @@
 """Huge inputs stay cheap for everyone else: prompts of ~4 MB (under the
-message limit) are refused by their size before any tokenizer runs, prompts
+message limit) are refused by their size before they are parsed, prompts
 under the size bound but over the context are tokenized off the event loop
 and refused, and neither slows another client's requests for long or leaves
 the router's memory grown."""

@@ -242,8 +242,8 @@ async def test_deadline_exceeded_request_gets_spans_with_that_status(
     assert attributes(server)["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert server.status.code == ERROR
     spans = await wait_for_trace(receiver, server.trace_id, {GENERATE, "route"})
-    # Ended on its rank, or refused at admission when the rank's recent time
-    # to first token said the deadline could not be met (see admission.py).
+    # Ended on its rank, or refused at admission when the rank's pace said
+    # its tokens could not all come before the deadline (see admission.py).
     attempts = [name for name in spans if name.startswith("text_completion ")]
     ended_in = spans[attempts[0] if attempts else "route"]
     assert ended_in.status.code == ERROR

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2
-from router import validation
+from router import validation, wire
 from router.errors import RequestError, invalid_argument
 from router.wire import bad_field
 
@@ -179,7 +179,7 @@ def test_prompt_text_is_bounded_by_bytes_before_tokenizing() -> None:
     check(prompt="a" * 500)
     check(prompt="é" * 250)  # 2 bytes a character
     check(prompt="😀" * 125)  # 4
-    for prompt, size in [("a" * 501, "501"), ("é" * 251, "502"), ("😀" * 126, "504")]:
+    for prompt, size in [("a" * 501, "at least 501"), ("é" * 251, "502"), ("😀" * 126, "504")]:
         with pytest.raises(RequestError) as raised:
             check(prompt=prompt)
         assert field_of(raised) == "prompt"
@@ -228,3 +228,31 @@ def test_prompt_token_ids_are_counted_before_they_are_copied() -> None:
         generate_pb2.GenerateRequest(prompt_token_ids=[1] * 99), (), LIMITS
     )
     assert ids.prompt.token_ids == [1] * 99
+
+
+def test_an_oversized_prompt_is_cut_from_the_wire_bytes_and_the_rest_parses() -> None:
+    sampling = generate_pb2.SamplingParams(max_tokens=7, stop=["x" * 300])
+    request = generate_pb2.GenerateRequest(
+        prompt="é" * 5000, sampling=sampling, request_id="r", session_key="s"
+    )
+    for message, path in (
+        (request, [1]),
+        (generate_pb2.CompleteRequest(request=request), [1, 1]),
+    ):
+        data = message.SerializeToString()
+        assert wire.cut_field(data, path, 10_000) is None  # not over the bound
+        cut = wire.cut_field(data, path, 9_999)
+        assert cut is not None
+        rest, size = cut
+        assert size == 10_000
+        parsed = type(message).FromString(rest)
+        inner = parsed if isinstance(parsed, generate_pb2.GenerateRequest) else parsed.request
+        assert (inner.prompt, inner.sampling, inner.request_id, inner.session_key) == (
+            "",
+            sampling,
+            "r",
+            "s",
+        )
+    # Only the prompt is cut, not a long string elsewhere; broken bytes are left to the parser.
+    assert wire.cut_field(request.SerializeToString(), [1], 100_000) is None
+    assert wire.cut_field(b"\x0a\xff\xff\xff", [1], 1) is None
