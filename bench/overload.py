@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -42,6 +43,7 @@ MODELS = {
     "tiny": ROOT / "models" / "tiny-llama",
     "smollm2": ROOT / "models" / "smollm2-135m-instruct",
 }
+LOGS = ROOT / "build" / "bench-overload"
 # vLLM's default --max-num-seqs on CPU (api server): what `make run` runs.
 CPU_MAX_NUM_SEQS = 128
 
@@ -131,6 +133,16 @@ def delay_errors(phase: Phase) -> list[float]:
     return ratios
 
 
+def router_refusal_ms(log: Path) -> list[float]:
+    """How long the router's handler took over each RESOURCE_EXHAUSTED, from
+    its log: the client's latency less the queueing before the handler ran."""
+    times = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"RESOURCE_EXHAUSTED"' in line and '"request finished"' in line:
+            times.append(float(json.loads(line)["ms"]))
+    return times
+
+
 def table(phases: list[Phase], capacity: Phase) -> str:
     rows = [
         "| phase | clients | OK | refusals | other | refusal p50 / p99 ms "
@@ -176,7 +188,7 @@ def main() -> None:
         listen=f"127.0.0.1:{free_port()}",
         rpc_port=free_ports(args.ranks),
         engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(args.max_num_seqs)],
-        log_dir=ROOT / "build" / "bench-overload",
+        log_dir=LOGS,
     )
     capacity_clients = args.ranks * args.max_num_seqs
     bound = 2 * capacity_clients  # --max-queue-per-rank defaults to --max-num-seqs
@@ -190,16 +202,25 @@ def main() -> None:
         with spec.channel() as channel:
             ranks = ranks_pb2_grpc.RanksServiceStub(channel).ListRanks(ranks_pb2.ListRanksRequest())
     failed = sum(rank.failed for rank in ranks.ranks)
+    handled = router_refusal_ms(LOGS / "router.log") or [float("nan")]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, cwd=ROOT,
+    ).stdout.strip()  # fmt: skip
+    if dirty:
+        commit += " with uncommitted changes"
     now = datetime.datetime.now(datetime.UTC)
     text = (
         f"## Overload, {now:%Y-%m-%d %H:%M} UTC, commit {commit}, {platform.node()} "
         f"({len(os.sched_getaffinity(0))} cores)\n\n"
         f"{args.model}, {args.ranks} ranks, --max-num-seqs {args.max_num_seqs} "
         f"(admission bound {bound}), {args.tokens} output tokens a call, "
-        f"{args.deadline:.0f} s deadlines; requests the ranks failed: {failed}\n\n"
+        f"{args.deadline:.0f} s deadlines; requests the ranks failed: {failed}; the router's "
+        f"handler took {percentile(handled, 0.5):.2f} / {percentile(handled, 0.99):.2f} ms "
+        "(p50 / p99) over a refusal\n\n"
         f"{table([capacity, overload], capacity)}\n"
     )
     print(text)

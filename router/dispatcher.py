@@ -265,11 +265,7 @@ class Dispatcher:
             decision = Decision(pin.rank, PIN_POLICY, pin.field, candidates)
             rank = pin.rank
         if deadline_s is not None:
-            sampling = admitted.sampling
-            exact = sampling.min_tokens >= sampling.max_tokens or (
-                sampling.ignore_eos and not sampling.stop and not sampling.stop_token_ids
-            )
-            ask = admission.Ask(len(admitted.prompt_token_ids), _budget(sampling), exact)
+            ask = admission.Ask(len(admitted.prompt_token_ids), _budget(admitted.sampling))
             refused = self._deadline_refusal(loads[rank], ask, deadline_s)
             if refused is not None:
                 if pin is not None or refused.code is not grpc.StatusCode.RESOURCE_EXHAUSTED:

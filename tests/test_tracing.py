@@ -243,7 +243,7 @@ async def test_deadline_exceeded_request_gets_spans_with_that_status(
     assert server.status.code == ERROR
     spans = await wait_for_trace(receiver, server.trace_id, {GENERATE, "route"})
     # Ended on its rank, or refused at admission when the rank's pace said
-    # its tokens could not all come before the deadline (see admission.py).
+    # its first token could not come before the deadline (see admission.py).
     attempts = [name for name in spans if name.startswith("text_completion ")]
     ended_in = spans[attempts[0] if attempts else "route"]
     assert ended_in.status.code == ERROR
