@@ -16,7 +16,7 @@ buffers in the router's memory.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -43,42 +43,54 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def _length_delimited(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """The length-delimited fields of one message's wire bytes, in order:
+    (field number, where its entry starts, where its key ends, where its
+    value starts, where it ends). Other fields are skipped; a broken wire
+    format raises _Truncated."""
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            key_end = pos
+            length, value = _varint(data, pos)
+            pos = value + length
+            if pos > len(data):
+                raise _Truncated
+            yield number, start, key_end, value, pos
+        else:
+            raise _Truncated
+
+
 def bad_field(data: bytes, message: Descriptor, prefix: str = "") -> str | None:
     """The path of the first string field that is not UTF-8, or of the message
     itself if its wire format is broken; None if neither."""
     seen: Counter[int] = Counter()
-    pos = 0
     try:
-        while pos < len(data):
-            key, pos = _varint(data, pos)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0:
-                _, pos = _varint(data, pos)
-            elif wire_type in (1, 5):
-                pos += 8 if wire_type == 1 else 4
-            elif wire_type == 2:
-                length, pos = _varint(data, pos)
-                chunk, pos = data[pos : pos + length], pos + length
-                if pos > len(data):
-                    raise _Truncated
-                field = message.fields_by_number.get(number)
-                if field is None:
-                    continue
-                path = prefix + field.name
-                if field.is_repeated:
-                    path += f"[{seen[number]}]"
-                    seen[number] += 1
-                if field.type == FieldDescriptor.TYPE_STRING:
-                    try:
-                        chunk.decode("utf-8")
-                    except UnicodeDecodeError:
-                        return path
-                elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                    inner = bad_field(chunk, field.message_type, path + ".")  # type: ignore[arg-type]
-                    if inner is not None:
-                        return inner
-            else:
-                raise _Truncated
+        for number, _, _, value, end in _length_delimited(data):
+            field = message.fields_by_number.get(number)
+            if field is None:
+                continue
+            path = prefix + field.name
+            if field.is_repeated:
+                path += f"[{seen[number]}]"
+                seen[number] += 1
+            chunk = data[value:end]
+            if field.type == FieldDescriptor.TYPE_STRING:
+                try:
+                    chunk.decode("utf-8")
+                except UnicodeDecodeError:
+                    return path
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                inner = bad_field(chunk, field.message_type, path + ".")  # type: ignore[arg-type]
+                if inner is not None:
+                    return inner
     except _Truncated:
         return prefix.rstrip(".") or "request"
     return None
@@ -98,33 +110,19 @@ def cut_field(data: bytes, path: Sequence[int], longer_than: int) -> tuple[bytes
     outermost first), and that field's length, when it is longer than
     `longer_than` bytes; None when it is not there or not that long, or when
     the wire format is broken (the parser then names the problem)."""
-    pos, cut, size = 0, [], 0
+    cut, size = [], 0
     try:
-        while pos < len(data):
-            start = pos
-            key, pos = _varint(data, pos)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0:
-                _, pos = _varint(data, pos)
-            elif wire_type in (1, 5):
-                pos += 8 if wire_type == 1 else 4
-            elif wire_type == 2:
-                length, value = _varint(data, pos)
-                pos = value + length
-                if pos > len(data):
-                    return None
-                if number == path[0] and len(path) == 1 and length > longer_than:
-                    cut.append((start, pos, b""))
-                    size = max(size, length)
-                elif number == path[0] and len(path) > 1:
-                    inner = cut_field(data[value:pos], path[1:], longer_than)
-                    if inner is not None:
-                        field, found = inner
-                        cut.append((start, pos, data[start:value - len(_encode_varint(length))]
-                                    + _encode_varint(len(field)) + field))  # fmt: skip
-                        size = max(size, found)
-            else:
-                return None
+        for number, start, key_end, value, end in _length_delimited(data):
+            if number != path[0]:
+                continue
+            if len(path) == 1:
+                if end - value > longer_than:
+                    cut.append((start, end, b""))
+                    size = max(size, end - value)
+            elif (inner := cut_field(data[value:end], path[1:], longer_than)) is not None:
+                field, found = inner
+                cut.append((start, end, data[start:key_end] + _encode_varint(len(field)) + field))
+                size = max(size, found)
     except _Truncated:
         return None
     if not cut:
