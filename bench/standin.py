@@ -77,6 +77,9 @@ class StandInRank:
     def last_heard(self, rank: int) -> float:
         return time.monotonic()  # always answering: the watchdog is not measured
 
+    def step_times(self, rank: int) -> tuple[tuple[float, float], ...]:
+        return ()  # no engine steps: nothing is refused for its deadline
+
     def dropped_at(self, rank: int) -> float:
         return 0.0
 

@@ -10,18 +10,21 @@ RESOURCE_EXHAUSTED at once, with a `google.rpc.RetryInfo` delay: when a slot
 can be expected to free up.
 
 That expectation comes from what is in flight: each request's remaining
-output budget at its rank's pace (the ledger's `Backlog`), played out over
-the rank's slots (`completion_times`). A request that would have to queue is
-admitted only if it can also finish its whole budget before its deadline;
-otherwise it is refused with RESOURCE_EXHAUSTED and the time it would have
-waited: load, not the request, is what fails it. One that can start at once
-is refused (DEADLINE_EXCEEDED) only if its first token cannot come in time.
-With no pace known yet (no request has produced two tokens), nothing is
-refused for its deadline, and the retry delay is a default.
+output budget at its rank's pace (the ledger's `Backlog`; `pace.py`),
+played out over the rank's slots (`completion_times`). A request with a
+deadline is admitted only if it can also finish its whole budget in time,
+in the batch it would join, having waited for a slot if it must; otherwise
+it is refused with RESOURCE_EXHAUSTED and when that would change: load, not
+the request, is what fails it. One that could not finish even alone, or
+whose first token cannot come in time, is judged by its first token alone
+(DEADLINE_EXCEEDED). With no pace known yet (the rank's engine has not
+stepped with work), nothing is refused for its deadline, and the retry
+delay is a default.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 from collections import deque
@@ -33,7 +36,8 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from router.errors import RequestError
-from router.ledger import Backlog, Pace, RankLoad, RankState
+from router.ledger import Backlog, RankLoad, RankState
+from router.pace import Pace
 
 # How much longer than at its rank's recent pace a request is allowed to take
 # when deciding whether it can finish before its deadline: a rank's pace under
@@ -71,21 +75,22 @@ def completion_times(backlog: Backlog, capacity: int) -> list[float] | None:
     """Seconds from now at which each in-flight request of a rank can be
     expected to end, soonest first; None while its pace is not known.
 
-    A running request ends its budget at the rank's recent pace from when
-    it got its slot, and, the more of its budget it has produced, at its own
-    pace so far (a rank's pace changes with its load; a few first tokens
-    say little). The others wait, and take the slots as they free up."""
+    A running request ends its budget at the rank's pace with the batch it
+    runs now, from when it got its slot, and, the more of its budget it has
+    produced, at its own pace so far (a few first tokens say little). The
+    others wait, take the slots as they free up and run in a full batch."""
     pace = backlog.pace
-    if pace.itl_s is None:
+    if not pace.known:
         return None
+    now_running = min(len(backlog.running), capacity) or 1
     running = [
-        _remaining_s(pace, prompt, budget, elapsed, tokens)
+        _remaining_s(pace, now_running, prompt, budget, elapsed, tokens)
         for prompt, budget, elapsed, tokens in backlog.running
     ]
     queue: deque[tuple[int, int]] = deque(backlog.waiting)
     while queue and len(running) < capacity:  # a bound lowered, or a slot not yet noted
         prompt, budget = queue.popleft()
-        running.append(_request_s(pace, prompt, budget))
+        running.append(_request_s(pace, prompt, budget, capacity))
     heapq.heapify(running)
     ends = []
     while running:
@@ -93,20 +98,28 @@ def completion_times(backlog: Backlog, capacity: int) -> list[float] | None:
         ends.append(end)
         if queue:
             prompt, budget = queue.popleft()
-            heapq.heappush(running, end + _request_s(pace, prompt, budget))
+            heapq.heappush(running, end + _request_s(pace, prompt, budget, capacity))
     return ends
 
 
-def _remaining_s(pace: Pace, prompt: int, budget: int, elapsed: float, tokens: int) -> float:
-    by_rank = max(_request_s(pace, prompt, budget) - elapsed, 0.0)
+def _remaining_s(
+    pace: Pace, running: int, prompt: int, budget: int, elapsed: float, tokens: int
+) -> float:
+    by_rank = max(_request_s(pace, prompt, budget, running) - elapsed, 0.0)
     by_itself = (budget - tokens) * elapsed / tokens if tokens else by_rank
     done = min(tokens / budget, 1.0) if budget else 1.0
-    return max(done * by_itself + (1 - done) * by_rank, pace.itl_s or 0.0)
+    return max(done * by_itself + (1 - done) * by_rank, _itl(pace, running))
 
 
-def _request_s(pace: Pace, prompt_tokens: int, budget: int) -> float:
-    seconds = pace.request_s(prompt_tokens, budget)
-    assert seconds is not None  # the pace between tokens is known
+def _itl(pace: Pace, running: int) -> float:
+    seconds = pace.itl_at(running)
+    assert seconds is not None  # the pace is known
+    return seconds
+
+
+def _request_s(pace: Pace, prompt_tokens: int, budget: int, running: int) -> float:
+    seconds = pace.request_s(prompt_tokens, budget, running)
+    assert seconds is not None  # the pace is known
     return seconds
 
 
@@ -133,27 +146,63 @@ def room_wait(load: RankLoad, limits: QueueLimits, ends: Sequence[float] | None)
     return wait_for_slots(ends, load.in_flight - limits.rank_bound + 1)
 
 
+class Refusal(RequestError):
+    """RESOURCE_EXHAUSTED with when to retry (`RetryInfo`) and why
+    (`ErrorInfo`)."""
+
+    def __init__(self, cause: str, reason: str, delay_s: float) -> None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(delay_s * 1e9))
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{cause}; retry in {delay_s:.2f} s",
+            details=[
+                error_details_pb2.RetryInfo(retry_delay=delay),
+                error_details_pb2.ErrorInfo(reason=reason, domain="dprouter"),
+            ],
+        )
+        self.cause = cause
+        self.reason = reason
+        self.delay_s = delay_s
+
+    def later(self, delay_s: float) -> Refusal:
+        """The same refusal with another retry delay."""
+        return Refusal(self.cause, self.reason, delay_s)
+
+
 def retry_delay_of(error: RequestError) -> float:
-    """The retry delay a refusal carries (infinite for one without)."""
-    for detail in error.details:
-        if isinstance(detail, error_details_pb2.RetryInfo):
-            delay: float = detail.retry_delay.ToTimedelta().total_seconds()
-            return delay
-    return float("inf")
+    """The retry delay a refusal carries (infinite for another error)."""
+    return error.delay_s if isinstance(error, Refusal) else float("inf")
 
 
-def exhausted(problem: str, reason: str, delay_s: float) -> RequestError:
-    """RESOURCE_EXHAUSTED with when to retry (`RetryInfo`) and why (`ErrorInfo`)."""
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(delay_s * 1e9))
-    return RequestError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"{problem}; retry in {delay_s:.2f} s",
-        details=[
-            error_details_pb2.RetryInfo(retry_delay=delay),
-            error_details_pb2.ErrorInfo(reason=reason, domain="dprouter"),
-        ],
-    )
+class Returns:
+    """When refused clients were told to come back, so that each next one is
+    told a later time. Told one time, they would all come back at once, to
+    room for a few: the rest are refused again, and the router spends its
+    time on that herd while every other call waits. Each gets its own turn
+    instead, `interval_s` after the one before: how often a slot can be
+    expected to free."""
+
+    def __init__(self) -> None:
+        self._due: list[float] = []  # the promised times, ascending
+
+    def assign(self, now: float, delay_s: float, interval_s: float) -> float:
+        """The retry delay for a refusal whose own estimate is `delay_s`."""
+        due = self._due
+        del due[: bisect.bisect_right(due, now)]  # those came due
+        at = now + delay_s
+        if due:
+            at = max(at, due[-1] + interval_s)
+        delay = min(at - now, MAX_RETRY_DELAY_S)
+        bisect.insort(due, now + delay)
+        return delay
+
+
+def slot_interval(ends: Sequence[Sequence[float] | None]) -> float:
+    """Seconds between two slots freeing on any of the ranks, on average,
+    from each rank's in-flight requests' expected ends; 0 if none are known."""
+    rate = sum(len(rank) / rank[-1] for rank in ends if rank and rank[-1] > 0)
+    return 1 / rate if rate else 0.0
 
 
 def check_router_bound(loads: Sequence[RankLoad], limits: QueueLimits, ends: EndsOf) -> None:
@@ -165,7 +214,7 @@ def check_router_bound(loads: Sequence[RankLoad], limits: QueueLimits, ends: End
         return
     known = [e for load in loads if load.in_flight and (e := ends(load.rank)) is not None]
     merged = sorted(end for rank_ends in known for end in rank_ends) if known else None
-    raise exhausted(
+    raise Refusal(
         f"the router holds its limit of {limits.max_in_flight} requests",
         "ROUTER_QUEUE_FULL",
         retry_delay([wait_for_slots(merged, over)]),
@@ -175,7 +224,7 @@ def check_router_bound(loads: Sequence[RankLoad], limits: QueueLimits, ends: End
 def check_rank_room(load: RankLoad, limits: QueueLimits, ends: EndsOf) -> None:
     """RESOURCE_EXHAUSTED when the chosen rank (a pin) is full."""
     if load.full:
-        raise exhausted(
+        raise Refusal(
             f"rank {load.rank} holds its limit of {limits.rank_bound} requests",
             "RANK_QUEUE_FULL",
             retry_delay([room_wait(load, limits, ends(load.rank))]),
@@ -189,7 +238,7 @@ def all_full(loads: Sequence[RankLoad], limits: QueueLimits, ends: EndsOf) -> Re
         for load in loads
         if load.state is RankState.SERVING
     ]
-    return exhausted(
+    return Refusal(
         f"every serving rank holds its limit of {limits.rank_bound} requests",
         "RANK_QUEUE_FULL",
         retry_delay(waits),
@@ -213,30 +262,45 @@ def deadline_refusal(
     deadline_s: float,
 ) -> RequestError | None:
     """Why the rank cannot serve the request before its deadline, if it
-    cannot: RESOURCE_EXHAUSTED when it would queue and could not finish its
-    budget in time (with WORK_MARGIN; retry when the slot it would wait for
-    frees), DEADLINE_EXCEEDED when it can start at once but its first token
-    cannot come in time. A request that can start at once is let run: its
-    budget is an upper bound (it may stop early), and a rank's recent pace
-    says little of its pace with fewer requests (measured at a full batch,
-    it refused every request of an idle rank)."""
+    cannot, with WORK_MARGIN to spare. RESOURCE_EXHAUSTED when load is the
+    cause: it would queue and then could not finish its budget in time, or
+    it could start at once but not finish in a batch that large; retry when
+    enough requests have ended for a batch it could finish in (or, if it
+    could not even alone, when the slot it would wait for frees). DEADLINE_EXCEEDED when its first
+    token cannot come in time. A request that could not finish its budget
+    in time even alone is let run: its budget is an upper bound (it may
+    stop early)."""
     if deadline_s <= 0:
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline is already over")
-    ahead = load.in_flight + 1 - limits.capacity
-    expected = pace.request_s(ask.prompt_tokens, ask.budget)
-    work = None if expected is None else expected * WORK_MARGIN
+    if not pace.known:
+        return None
+    batch = load.in_flight + 1
+    # The largest batch it could join and finish in; 0: it could not even alone.
+    fits = largest_batch_in_time(pace, ask, deadline_s, min(batch, limits.capacity))
+    # When it could get in: once the rank is down to that batch.
+    when_fits = wait_for_slots(ends, batch - fits) if fits else None
+    ahead = batch - limits.capacity
     if ahead > 0:
         start = wait_for_slots(ends, ahead)
-        if start is not None and work is not None and start + work > deadline_s:
-            return exhausted(
+        work = _work_s(pace, ask, limits.capacity)
+        if start is not None and start + work > deadline_s:
+            return Refusal(
                 f"the deadline ({deadline_s:.3f} s) ends before the request could finish on "
                 f"rank {load.rank}: {ahead} requests must end before it starts "
                 f"(~{start:.2f} s), and it needs ~{work:.2f} s",
                 "DEADLINE_BEYOND_QUEUE",
-                retry_delay([start]),
+                retry_delay([when_fits if fits else start]),
             )
         return None
-    first = pace.first_token_s(ask.prompt_tokens)
+    if 0 < fits < batch:
+        return Refusal(
+            f"the deadline ({deadline_s:.3f} s) ends before the request could finish on "
+            f"rank {load.rank} in a batch of {batch} (~{_work_s(pace, ask, batch):.2f} s); "
+            f"it could in one of {fits}",
+            "DEADLINE_BEYOND_BATCH",
+            retry_delay([when_fits]),
+        )
+    first = pace.first_token_s(ask.prompt_tokens, batch)
     if first is not None and first > deadline_s:
         return RequestError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -244,3 +308,23 @@ def deadline_refusal(
             f"on rank {load.rank} ({first:.3f} s for a {ask.prompt_tokens}-token prompt)",
         )
     return None
+
+
+def _work_s(pace: Pace, ask: Ask, batch: int) -> float:
+    return _request_s(pace, ask.prompt_tokens, ask.budget, batch) * WORK_MARGIN
+
+
+def largest_batch_in_time(pace: Pace, ask: Ask, deadline_s: float, limit: int) -> int:
+    """The largest batch (up to `limit`) in which the request can finish
+    before its deadline with WORK_MARGIN to spare; 0 for none. A step takes
+    longer the more requests it runs, so the answer is found by bisection."""
+    if _work_s(pace, ask, 1) > deadline_s:
+        return 0
+    low, high = 1, limit  # low fits; above high does not matter
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _work_s(pace, ask, middle) <= deadline_s:
+            low = middle
+        else:
+            high = middle - 1
+    return low

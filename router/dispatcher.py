@@ -24,8 +24,9 @@ from dprouter.v1 import generate_pb2
 from router import admission, validation
 from router.engine_types import EngineDelta, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
-from router.ledger import Ledger, Outcome, Pace, RankLoad, RankState
+from router.ledger import Ledger, Outcome, RankLoad, RankState
 from router.metrics import Metrics
+from router.pace import Pace
 from router.policies import Candidate, Decision, Policy, RouteInput, load_score
 from router.ranks import RankNotJoined, RankPool
 from router.tracing import RequestTrace
@@ -132,6 +133,7 @@ class Dispatcher:
         # Per rank: (when, the ledger's version of it, its pace, its in-flight
         # requests' expected ends).
         self._backlogs: dict[int, tuple[float, int, Pace, list[float] | None]] = {}
+        self._returns = admission.Returns()  # when refused clients were told to retry
         self.accepting = True
         self._in_flight = 0  # routed and not yet released
         self._idle = asyncio.Event()
@@ -208,7 +210,8 @@ class Dispatcher:
         version = self.ledger.version(rank)
         cached = self._backlogs.get(rank)
         if cached is None or cached[1] != version or now - cached[0] >= BACKLOG_TTL_S:
-            backlog = self.ledger.backlog(rank)
+            steps = self.pool.step_times(rank) if self.pool is not None else ()
+            backlog = self.ledger.backlog(rank, steps)
             ends = admission.completion_times(backlog, self.queue_limits.capacity)
             cached = self._backlogs[rank] = (now, version, backlog.pace, ends)
         at, _, pace, ends = cached
@@ -323,6 +326,24 @@ class Dispatcher:
         span of the request's trace. The caller must `run` the job or
         `release` it. `deadline_s`: the seconds left to the request's
         deadline, if it has one."""
+        try:
+            return await self._prepare(request, metadata, trace, deadline_s)
+        except admission.Refusal as refusal:
+            raise self._in_turn(refusal) from None
+
+    def _in_turn(self, refusal: admission.Refusal) -> admission.Refusal:
+        """The refusal, with its client's own turn to come back (`admission.Returns`)."""
+        serving = [load.rank for load in self.loads() if load.state is RankState.SERVING]
+        interval = admission.slot_interval([self._ends(rank) for rank in serving])
+        return refusal.later(self._returns.assign(time.monotonic(), refusal.delay_s, interval))
+
+    async def _prepare(
+        self,
+        request: generate_pb2.GenerateRequest,
+        metadata: Sequence[tuple[str, str | bytes]],
+        trace: RequestTrace,
+        deadline_s: float | None,
+    ) -> Job:
         arrived = time.monotonic()
         with trace.stage("validate"):
             admitted = await self._admit(request, metadata)

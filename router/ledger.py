@@ -13,12 +13,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Weight of the newest request in the moving averages of its rank's pace:
-# about the last ten requests count.
+from router.pace import Pace
+
+# Weight of the newest request in the moving average of its rank's prefill
+# rate: about the last ten requests count.
 EWMA_WEIGHT = 0.2
-# A request with fewer output tokens tells nothing of the pace between them:
-# its time is its prompt's, and the other prompts' prefilled before it.
-PACE_MIN_TOKENS = 16
 
 
 class RankState(enum.Enum):
@@ -60,27 +59,6 @@ class RankLoad:
 
 
 @dataclass(frozen=True)
-class Pace:
-    """How fast a rank works, from its recent requests (None: not known yet)."""
-
-    itl_s: float | None = None  # seconds between two output tokens of one request
-    prefill_tps: float | None = None  # prompt tokens per second to the first token
-
-    def first_token_s(self, prompt_tokens: int) -> float | None:
-        if self.prefill_tps is not None:
-            return prompt_tokens / self.prefill_tps
-        return self.itl_s
-
-    def request_s(self, prompt_tokens: int, budget: int) -> float | None:
-        """Seconds a request takes once it has a slot: its prompt, then its
-        whole output budget."""
-        first = self.first_token_s(prompt_tokens)
-        if first is None or self.itl_s is None:
-            return None
-        return first + budget * self.itl_s
-
-
-@dataclass(frozen=True)
 class Backlog:
     """A rank's in-flight requests, in arrival order, and its pace: what the
     time until one of its slots frees is estimated from (admission.py)."""
@@ -104,7 +82,6 @@ class _Counts:
     served: int = 0
     failed: int = 0
     cancelled: int = 0
-    itl_s: float | None = None
     prefill_tps: float | None = None
     version: int = 0  # counts the requests that came and went
 
@@ -220,23 +197,15 @@ class Ledger:
             counts.queued_prompt_tokens -= entry.prompt_tokens
         if outcome is Outcome.SERVED:
             counts.served += 1
-            if entry.slot_at and entry.tokens >= PACE_MIN_TOKENS:
-                itl = self._decode_s(entry, now) / entry.tokens
-                counts.itl_s = _average(counts.itl_s, itl)
         elif outcome is Outcome.FAILED:
             counts.failed += 1
         else:
             counts.cancelled += 1
         return True
 
-    def _decode_s(self, entry: Entry, now: float) -> float:
-        """How long the request has run past its prompt."""
-        prefill_tps = self._counts[entry.rank].prefill_tps
-        prefill = entry.prompt_tokens / prefill_tps if prefill_tps else 0.0
-        return max(now - entry.slot_at - prefill, 0.0)
-
-    def backlog(self, rank: int) -> Backlog:
-        """The rank's in-flight requests and its recent requests' pace."""
+    def backlog(self, rank: int, steps: tuple[tuple[float, float], ...]) -> Backlog:
+        """The rank's in-flight requests and its pace: its engine's recent
+        `steps` (`Pace.steps`) and its recent requests' prefill rate."""
         now = time.monotonic()
         running, waiting = [], []
         for entry in self._entries[rank].values():
@@ -247,7 +216,7 @@ class Ledger:
             else:
                 waiting.append((entry.prompt_tokens, entry.budget))
         counts = self._counts[rank]
-        return Backlog(Pace(counts.itl_s, counts.prefill_tps), running, waiting)
+        return Backlog(Pace(steps, counts.prefill_tps), running, waiting)
 
     def loads(self, engine: Sequence[EngineLoad] | None) -> list[RankLoad]:
         """Every rank's snapshot, with the engines' reports when there are any."""

@@ -64,6 +64,10 @@ class RankPool(Protocol):
         if never): proof of progress while it has work."""
         ...
 
+    def step_times(self, rank: int) -> tuple[tuple[float, float], ...]:
+        """The rank's engine's recent step times by batch size (`Pace.steps`)."""
+        ...
+
     def dropped_at(self, rank: int) -> float:
         """When the rank's engine (with the coupled topology: any rank's)
         last dropped its connection (`time.monotonic()`; 0.0 if never)."""
@@ -132,6 +136,9 @@ class CoupledRanks:
 
     def last_heard(self, rank: int) -> float:
         return self._client.last_heard()[rank]
+
+    def step_times(self, rank: int) -> tuple[tuple[float, float], ...]:
+        return self._client.step_times()[rank]
 
     def dropped_at(self, rank: int) -> float:
         return self._client.dropped_at()
@@ -213,6 +220,10 @@ class IndependentRanks:
     def last_heard(self, rank: int) -> float:
         client = self._clients[rank]
         return client.last_heard()[0] if client is not None else 0.0
+
+    def step_times(self, rank: int) -> tuple[tuple[float, float], ...]:
+        client = self._clients[rank]
+        return client.step_times()[0] if client is not None else ()
 
     def dropped_at(self, rank: int) -> float:
         client = self._clients[rank]

@@ -34,6 +34,7 @@ from vllm.v1.metrics.loggers import PrometheusStatLogger
 from zmq.utils.monitor import parse_monitor_message
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
+from router.pace import StepTimes
 from router.tracing import UNSAMPLED_HEADERS
 
 __all__ = [
@@ -268,11 +269,15 @@ def longest_token_bytes(tokenizer: Any) -> int:
 
 
 def _watch_output_batches(
-    llm: AsyncLLM, heard: dict[int, float], counts: dict[int, EngineCounts]
+    llm: AsyncLLM,
+    heard: dict[int, float],
+    counts: dict[int, EngineCounts],
+    steps: dict[int, StepTimes],
 ) -> None:
-    """Notes when each engine last sent outputs and the scheduler counts it
-    sent with them, and makes vLLM's two output loops let other tasks run
-    between messages.
+    """Notes when each engine last sent outputs, the scheduler counts it
+    sent with them and how long its steps take (by the engine's clock, which
+    a busy router's late reading does not skew), and makes vLLM's two output
+    loops let other tasks run between messages.
 
     The time an output batch was read is the watchdog's proof that an engine
     with work makes progress, whether or not the request handlers keep up
@@ -310,11 +315,11 @@ def _watch_output_batches(
         engine = outputs.engine_index
         heard[engine] = time.monotonic()
         if (stats := outputs.scheduler_stats) is not None:  # sent after each step
-            counts[engine] = (
-                stats.num_waiting_reqs + stats.num_skipped_waiting_reqs,
-                stats.num_running_reqs,
-                stats.kv_cache_usage,
-            )
+            waiting = stats.num_waiting_reqs + stats.num_skipped_waiting_reqs
+            counts[engine] = (waiting, stats.num_running_reqs, stats.kv_cache_usage)
+            if engine not in steps:
+                steps[engine] = StepTimes(llm.vllm_config.scheduler_config.max_num_seqs)
+            steps[engine].note(outputs.timestamp, stats.num_running_reqs, waiting)
         return outputs
 
     core.get_output_async = get_output_fairly
@@ -354,7 +359,8 @@ class EngineClient:
         # its scheduler counts as of its last step.
         self._heard: dict[int, float] = {}
         self._counts: dict[int, EngineCounts] = {}
-        _watch_output_batches(llm, self._heard, self._counts)
+        self._steps: dict[int, StepTimes] = {}
+        _watch_output_batches(llm, self._heard, self._counts, self._steps)
         self._probes = 0
         # vLLM traces every finished request when tracing is on; not the probes.
         tracing = llm.observability_config.otlp_traces_endpoint is not None
@@ -455,6 +461,14 @@ class EngineClient:
         outputs. An engine reports only when it steps, so an idle one is as
         fresh as its last request; `probe` makes it step."""
         return [self._counts.get(i, (0, 0, 0.0)) for i in range(self.data_parallel_size)]
+
+    def step_times(self) -> list[tuple[tuple[float, float], ...]]:
+        """Per engine (rank) of this client: its recent steps' times by batch
+        size (`Pace.steps`; empty before it stepped with work)."""
+        return [
+            steps.points() if (steps := self._steps.get(i)) else ()
+            for i in range(self.data_parallel_size)
+        ]
 
     def last_heard(self) -> list[float]:
         """Per engine (rank) of this client: when it last sent outputs

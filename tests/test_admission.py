@@ -11,13 +11,17 @@ from google.rpc import error_details_pb2
 from router import admission
 from router.admission import Ask, QueueLimits
 from router.errors import RequestError
-from router.ledger import Backlog, Pace, RankState
+from router.ledger import Backlog, RankState
+from router.pace import MIN_STEPS, Pace, StepTimes
 from router.policies import LeastLoaded, RouteInput
 from tests.test_policies import load
 
 LIMITS = QueueLimits(capacity=2, max_queue_per_rank=2)
-# 0.01 s between two tokens of a request; 1,000 prompt tokens a second.
-PACE = Pace(itl_s=0.01, prefill_tps=1000.0)
+# 0.01 s between two tokens of a request, whatever the batch (steps of 1 and
+# of 2 requests took as long); 1,000 prompt tokens a second.
+PACE = Pace(steps=((1, 0.01), (2, 0.01)), prefill_tps=1000.0)
+# A CPU's: each step takes 0.01 s per request it runs.
+IN_PROPORTION = Pace(steps=((1, 0.01), (8, 0.08)), prefill_tps=1000.0)
 
 
 def no_ends(rank: int) -> None:
@@ -117,3 +121,79 @@ def test_deadline_admission_is_per_request() -> None:
     assert refusal(3, Pace(), None, long, 0.01) is None
     refused = refusal(0, Pace(), None, short, 0.0)
     assert refused is not None and refused.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_steps_time_follows_its_batch() -> None:
+    assert Pace().itl_at(4) is None
+    # One batch size seen: in proportion to it.
+    assert Pace(steps=((4, 0.04),)).itl_at(8) == pytest.approx(0.08)
+    # Between two seen: on the line through them; beyond: on the last line.
+    steps = Pace(steps=((1, 0.010), (8, 0.012), (64, 0.040)))
+    assert steps.itl_at(4) == pytest.approx(0.010 + 0.002 * 3 / 7)
+    assert steps.itl_at(128) == pytest.approx(0.040 + 0.028 * 64 / 56)
+    assert steps.itl_at(0) == steps.itl_at(1) == pytest.approx(0.010)
+    # A line that falls (noise) stops at a share of the quickest step seen.
+    falling = Pace(steps=((4, 0.04), (8, 0.02)))
+    assert falling.itl_at(64) == pytest.approx(0.02 * 0.25)
+    assert IN_PROPORTION.request_s(500, 100, 3) == pytest.approx(0.5 + 100 * 0.03)
+
+
+def test_step_times_come_from_steps_that_followed_work() -> None:
+    steps = StepTimes(capacity=4)
+    clock = [0.0]
+
+    def step(seconds: float, running: int, waiting: int = 0) -> None:
+        clock[0] += seconds
+        steps.note(clock[0], running, waiting)
+
+    step(0.0, 2)  # the first: nothing to measure from
+    for _ in range(MIN_STEPS - 1):
+        step(0.1, 2)
+    assert steps.points() == ()  # too few steps of that batch size to count
+    step(0.1, 3)  # batches of 2 and 3 share a range
+    step(5.0, 2, waiting=1)  # a prompt waits with slots free: a burst's prefill
+    step(0.1, 0)  # the last request ended
+    step(10.0, 1)  # after idle: not a step's time
+    for _ in range(MIN_STEPS):
+        step(0.2, 4, waiting=2)  # a full batch with more waiting: kept
+    (two, two_s), full = steps.points()
+    assert (two, two_s) == pytest.approx(((7 * 2 + 3) / 8, 0.1))
+    assert full == pytest.approx((4, 0.2))
+
+
+def test_deadline_admission_judges_the_batch_it_would_join() -> None:
+    limits = QueueLimits(capacity=8, max_queue_per_rank=0)
+    ends = [0.5, 1.0, 2.0, 4.0, 8.0]
+    ask = Ask(prompt_tokens=4, budget=100)  # 1 s a request in its batch, 1.5x to spare
+
+    def judged(in_flight: int, deadline: float) -> RequestError | None:
+        rank = load(0, in_flight)
+        return admission.deadline_refusal(rank, limits, IN_PROPORTION, ends, ask, deadline)
+
+    # In 6 s it can finish in a batch of 3, not 4.
+    assert admission.largest_batch_in_time(IN_PROPORTION, ask, 6.0, 8) == 3
+    assert judged(2, 6.0) is None
+    refused = judged(3, 6.0)
+    assert refused is not None and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "in a batch of 4" in refused.problem
+    _, info = refused.details
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "DEADLINE_BEYOND_BATCH"
+    assert admission.retry_delay_of(refused) == pytest.approx(0.5)  # one must end
+    refused = judged(5, 6.0)
+    assert refused is not None and admission.retry_delay_of(refused) == pytest.approx(2.0)
+    # Not even alone in 1 s: its budget is an upper bound, so only its first token counts.
+    assert judged(5, 1.0) is None
+
+
+def test_refused_clients_are_given_turns_to_come_back() -> None:
+    returns = admission.Returns()
+    # Three refused at once, each told a slot frees in 1 s; slots free every 0.5 s.
+    assert [returns.assign(10.0, 1.0, 0.5) for _ in range(3)] == [1.0, 1.5, 2.0]
+    # One whose own estimate is later keeps it.
+    assert returns.assign(10.0, 5.0, 0.5) == 5.0
+    # Turns that came due count no more: at 13 s only the 15 s one is ahead.
+    assert returns.assign(13.0, 1.0, 0.5) == pytest.approx(2.5)
+    assert admission.Returns().assign(0.0, 1e9, 1.0) == admission.MAX_RETRY_DELAY_S
+    # Two ranks, each freeing a slot every 2 s on average: one every second.
+    assert admission.slot_interval([[1.0, 4.0], None, [2.0, 3.0, 6.0]]) == pytest.approx(1.0)
+    assert admission.slot_interval([None, []]) == 0.0

@@ -240,7 +240,7 @@ async def test_three_times_the_bound_sheds_at_once_and_every_admitted_call_compl
     """24 calls at once, each with a deadline, against room for 8: each ends OK
     or RESOURCE_EXHAUSTED (none cancelled, none past its deadline, no rank
     failed), every refusal comes at once with a retry delay close to the
-    real wait for a slot, and every admitted call completes."""
+    real wait for its turn at a slot, and every admitted call completes."""
     generate, ranks, _ = stubs
     bound = 2 * BOUND
     # The ranks' pace, at the concurrency they run under load.
@@ -256,14 +256,16 @@ async def test_three_times_the_bound_sheds_at_once_and_every_admitted_call_compl
     assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r, _ in refusals), refusals
     assert len(served) >= bound
     latencies = sorted(end - start for _, end in refusals)
+    # The real wait: refused clients get successive turns, so the k-th
+    # refused waits for the k-th slot to free (an admitted call to end).
+    refusals.sort(key=lambda refusal: refusal[1])
+    turns = sorted(done for done in served if done > refusals[-1][1])
     errors = []
-    for refused, end in refusals:
+    for (refused, end), turn in zip(refusals, turns, strict=False):
         retry = detail(refused, error_details_pb2.RetryInfo)
         assert isinstance(retry, error_details_pb2.RetryInfo)
         delay = retry.retry_delay.ToTimedelta().total_seconds()
-        # The real wait: until the first admitted call ended and freed its slot.
-        real = min(done for done in served if done > end) - end
-        errors.append(delay / real)
+        errors.append(delay / (turn - end))
     errors.sort()
     print(f"refusals: {len(refusals)}, latency max {latencies[-1] * 1000:.0f} ms; "
           f"retry delay / real wait: min {errors[0]:.2f} median {errors[len(errors) // 2]:.2f} "
