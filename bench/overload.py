@@ -12,8 +12,9 @@ send it again, until it is served or ends otherwise:
 - overload: 3 x the router's default bound (a rank holds --max-num-seqs
   running plus as many queued).
 Printed per phase: calls OK / refusals / other endings, the refusals'
-latency, how their retry delays compare with the real wait (from a refusal
-until that client's call was admitted: its response headers came), and
+latency (and, apart, that of those after the phase's opening burst), how
+their retry delays compare with the real wait (from a refusal until that
+client's call was admitted: its response headers came), and
 goodput (output tokens per second of completed calls); overload's goodput
 as a share of capacity's (which also shows capacity that retry delays too
 long would leave idle).
@@ -142,6 +143,22 @@ def router_refusal_ms(log: Path) -> list[float]:
     return times
 
 
+# The calls of a phase all start at once: a burst that one load process
+# sends and the router answers one by one. Refusals after it are timed apart.
+BURST_S = 10.0
+
+
+def after_burst(phase: Phase) -> str:
+    """The refusals after the phase's first BURST_S: count and latency."""
+    later = [lat * 1000 for at, lat, _ in phase.refusals if at - phase.started > BURST_S]
+    if not later:
+        return f"no refusal after the first {BURST_S:.0f} s"
+    return (
+        f"{len(later)} refusals after the first {BURST_S:.0f} s took "
+        f"{percentile(later, 0.5):.1f} / {percentile(later, 0.99):.1f} ms (p50 / p99)"
+    )
+
+
 def table(phases: list[Phase], capacity: Phase) -> str:
     rows = [
         "| phase | clients | OK | refusals | other | refusal p50 / p99 ms "
@@ -219,7 +236,7 @@ def main() -> None:
         f"(admission bound {bound}), {args.tokens} output tokens a call, "
         f"{args.deadline:.0f} s deadlines; requests the ranks failed: {failed}; the router's "
         f"handler took {percentile(handled, 0.5):.2f} / {percentile(handled, 0.99):.2f} ms "
-        "(p50 / p99) over a refusal\n\n"
+        f"(p50 / p99) over a refusal; in overload, {after_burst(overload)}\n\n"
         f"{table([capacity, overload], capacity)}\n"
     )
     print(text)
