@@ -187,12 +187,15 @@ class Returns:
         self._due: list[float] = []  # the promised times, ascending
 
     def assign(self, now: float, delay_s: float, interval_s: float) -> float:
-        """The retry delay for a refusal whose own estimate is `delay_s`."""
+        """The retry delay for a refusal whose own estimate is `delay_s`: the
+        first turn from then on that no other client was given."""
         due = self._due
         del due[: bisect.bisect_right(due, now)]  # those came due
         at = now + delay_s
-        if due:
-            at = max(at, due[-1] + interval_s)
+        for promised in due[bisect.bisect_left(due, at - interval_s) :]:
+            if promised - at >= interval_s:
+                break  # a free turn before this one
+            at = max(at, promised + interval_s)
         delay = min(at - now, MAX_RETRY_DELAY_S)
         bisect.insort(due, now + delay)
         return delay

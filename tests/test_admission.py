@@ -191,8 +191,9 @@ def test_refused_clients_are_given_turns_to_come_back() -> None:
     assert [returns.assign(10.0, 1.0, 0.5) for _ in range(3)] == [1.0, 1.5, 2.0]
     # One whose own estimate is later keeps it.
     assert returns.assign(10.0, 5.0, 0.5) == 5.0
-    # Turns that came due count no more: at 13 s only the 15 s one is ahead.
-    assert returns.assign(13.0, 1.0, 0.5) == pytest.approx(2.5)
+    # Turns that came due count no more, and a later one leaves the turns before it free.
+    assert returns.assign(13.0, 1.0, 0.5) == pytest.approx(1.0)
+    assert returns.assign(13.0, 1.8, 0.5) == pytest.approx(2.5)  # too close to the turn at 15
     assert admission.Returns().assign(0.0, 1e9, 1.0) == admission.MAX_RETRY_DELAY_S
     # Two ranks, each freeing a slot every 2 s on average: one every second.
     assert admission.slot_interval([[1.0, 4.0], None, [2.0, 3.0, 6.0]]) == pytest.approx(1.0)
