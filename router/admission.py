@@ -269,39 +269,36 @@ def deadline_refusal(
     cause: it would queue and then could not finish its budget in time, or
     it could start at once but not finish in a batch that large; retry when
     enough requests have ended for a batch it could finish in (or, if it
-    could not even alone, when the slot it would wait for frees). DEADLINE_EXCEEDED when its first
-    token cannot come in time. A request that could not finish its budget
-    in time even alone is let run: its budget is an upper bound (it may
-    stop early)."""
+    could not finish even alone, when the slot it would wait for frees).
+    DEADLINE_EXCEEDED when its first token cannot come in time. A request
+    that could not finish its budget in time even alone is let run: its
+    budget is an upper bound (it may stop early)."""
     if deadline_s <= 0:
         return RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline is already over")
     if not pace.known:
         return None
     batch = load.in_flight + 1
-    # The largest batch it could join and finish in; 0: it could not even alone.
-    fits = largest_batch_in_time(pace, ask, deadline_s, min(batch, limits.capacity))
-    # When it could get in: once the rank is down to that batch.
-    when_fits = wait_for_slots(ends, batch - fits) if fits else None
     ahead = batch - limits.capacity
     if ahead > 0:
         start = wait_for_slots(ends, ahead)
         work = _work_s(pace, ask, limits.capacity)
         if start is not None and start + work > deadline_s:
+            fits = largest_batch_in_time(pace, ask, deadline_s, limits.capacity)
             return Refusal(
                 f"the deadline ({deadline_s:.3f} s) ends before the request could finish on "
                 f"rank {load.rank}: {ahead} requests must end before it starts "
                 f"(~{start:.2f} s), and it needs ~{work:.2f} s",
                 "DEADLINE_BEYOND_QUEUE",
-                retry_delay([when_fits if fits else start]),
+                retry_delay([wait_for_slots(ends, batch - fits) if fits else start]),
             )
         return None
-    if 0 < fits < batch:
+    work = _work_s(pace, ask, batch)
+    if work > deadline_s and (fits := largest_batch_in_time(pace, ask, deadline_s, batch)):
         return Refusal(
             f"the deadline ({deadline_s:.3f} s) ends before the request could finish on "
-            f"rank {load.rank} in a batch of {batch} (~{_work_s(pace, ask, batch):.2f} s); "
-            f"it could in one of {fits}",
+            f"rank {load.rank} in a batch of {batch} (~{work:.2f} s); it could in one of {fits}",
             "DEADLINE_BEYOND_BATCH",
-            retry_delay([when_fits]),
+            retry_delay([wait_for_slots(ends, batch - fits)]),  # down to `fits`
         )
     first = pace.first_token_s(ask.prompt_tokens, batch)
     if first is not None and first > deadline_s:
