@@ -49,7 +49,7 @@ class Evidence:
     answered_since_join: bool
     # A probe sent after the rank was last failed has been answered.
     answered_since_failure: bool
-    # Its own connection dropped after its last sign of life.
+    # Its own connection dropped, and it has not answered a probe sent since.
     connection_dropped: bool = False
     # A connection shared with other ranks dropped, and this rank has not
     # answered a probe sent after the drop (coupled topology).

@@ -8,10 +8,12 @@ collects, every tick and for each rank:
   greedy token while it has requests, a light call while it is idle), one
   at a time;
 - outputs: the time its engine last sent any;
-- its connection: a dropped one (a killed engine) is known at once. Where
+- its connection: a dropped one (a killed engine) is known at once, and
+  stands until the rank answers a light probe sent after the drop: outputs
+  the router reads after the drop may have left the engine before it. Where
   the ranks share one connection (coupled), a drop does not say whose
-  engine it was: each rank gets a light probe at once, and the verdict
-  weighs who has not answered it within `DROP_CHECK_S`;
+  engine it was: the verdict weighs who has not answered within
+  `DROP_CHECK_S`;
 - its rank server's vitals (`router/vitals.py`): engine process alive,
   stopped, CPU time advancing.
 A rank found unhealthy gets no new requests, its Health name turns
@@ -224,7 +226,7 @@ class _RankWatch:
         drop = pool.dropped_at(rank)
         if drop != self._drop_seen:  # a drop, or a new client
             self._drop_seen, self._awake_at_drop = drop, clock.awake
-            if drop and pool.shared_connection and self._drop_check is None:
+            if drop and self._drop_check is None:
                 self._drop_check = asyncio.ensure_future(self._probe_once(False))
                 self._drop_check_sent = clock.now
         vitals = self._watchdog.vitals.get(rank)
@@ -240,7 +242,7 @@ class _RankWatch:
             answered_since_join=self._sign.at > self._joined_at,
             answered_since_failure=bool(self._answered_sent)
             and self._answered_sent >= self._failed_at,
-            connection_dropped=not pool.shared_connection and drop > self._sign.at,
+            connection_dropped=not pool.shared_connection and drop > self._answered_sent,
             shared_drop_unanswered=pool.shared_connection
             and drop > self._answered_sent
             and clock.awake - self._awake_at_drop >= DROP_CHECK_S,

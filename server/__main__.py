@@ -20,7 +20,7 @@ import psutil
 
 from router import logs
 from router.vllm_compat import make_rank_server_parser, run_rank_server
-from server.vitals import report_vitals
+from server.vitals import VitalsReporter
 
 log = logging.getLogger("dprouter.server")
 RESTART_FLAG = "--restart-on-crash"
@@ -110,8 +110,12 @@ def main() -> int:
         target=_announce_join, args=(rank, host, port), name="announce-join", daemon=True
     ).start()
     # The router tells a busy engine from a hung one by these (router/vitals.py).
-    report_vitals((host, port), args.data_parallel_start_rank or 0)
-    run_rank_server(args)
+    vitals = VitalsReporter((host, port), args.data_parallel_start_rank or 0)
+    vitals.start()
+    try:
+        run_rank_server(args)
+    finally:
+        vitals.engines_exited()
     return 0
 
 

@@ -76,24 +76,43 @@ class EngineWatch:
         return engine, cpu
 
 
-def report_vitals(router: tuple[str, int], rank: int) -> threading.Thread:
-    """Starts the reporting thread: to `router` (the data-parallel address and
-    RPC port), as rank `rank` of its group."""
-    thread = threading.Thread(target=_report, args=(router, rank), name="vitals", daemon=True)
-    thread.start()
-    return thread
+class VitalsReporter:
+    """Sends this rank server's vitals to the router's host (the data-parallel
+    address and RPC port), as rank `rank` of its group."""
 
+    def __init__(self, router: tuple[str, int], rank: int) -> None:
+        self._router, self._rank = router, rank
+        self._boot = uuid.uuid4().hex
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._exited = False
+        family = socket.getaddrinfo(router[0], router[1], type=socket.SOCK_DGRAM)[0][0]
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
 
-def _report(router: tuple[str, int], rank: int) -> None:
-    watch = EngineWatch()
-    boot = uuid.uuid4().hex
-    family = socket.getaddrinfo(router[0], router[1], type=socket.SOCK_DGRAM)[0][0]
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        seq = 0
+    def start(self) -> None:
+        """Reports a few times a second from a daemon thread."""
+        threading.Thread(target=self._run, name="vitals", daemon=True).start()
+
+    def engines_exited(self) -> None:
+        """Reports the engines gone, as the last report: vLLM's headless
+        server reaps a dead engine and exits at once, often before the next
+        sample could say so."""
+        with self._lock:
+            self._exited = True
+            self._send(EngineState.GONE, 0.0)
+
+    def _run(self) -> None:
+        watch = EngineWatch()
         while True:
-            engine, cpu = watch.sample()
-            seq += 1
-            datagram = Vitals(rank, boot, seq, engine, cpu, time.monotonic()).encode()
-            with contextlib.suppress(OSError):  # unreachable now: the router will notice
-                sock.sendto(datagram, router)
+            sample = watch.sample()
+            with self._lock:
+                if self._exited:  # a sample taken before would contradict the last report
+                    return
+                self._send(*sample)
             time.sleep(VITALS_INTERVAL_S)
+
+    def _send(self, engine: EngineState, cpu: float) -> None:
+        self._seq += 1
+        datagram = Vitals(self._rank, self._boot, self._seq, engine, cpu, time.monotonic()).encode()
+        with contextlib.suppress(OSError):  # unreachable now: the router will notice
+            self._sock.sendto(datagram, self._router)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
 
 import pytest
 
 from router.liveness import Condition, Evidence, Timeouts, judge
-from router.vitals import EngineState, RankVitals, Vitals
+from router.vitals import VITALS_INTERVAL_S, EngineState, RankVitals, Vitals
+from server.vitals import VitalsReporter
 
 T = Timeouts(timeout_s=3.0, busy_timeout_s=300.0, join_grace_s=9.0, replace_after_s=30.0)
 # A healthy rank that answered a moment ago, its vitals fresh and working.
@@ -101,3 +104,24 @@ def test_stopped_since_the_first_report_that_says_so() -> None:
     assert rank.stopped_since == 1.0
     rank.update(vitals(3, 1.0, 1.5), now=1.5)
     assert rank.stopped_since == 0.0
+
+
+def test_a_rank_server_reports_its_engines_gone_as_they_exit() -> None:
+    """The last report, in the same boot as the regular ones: vLLM's headless
+    server exits as soon as its engine dies, often before the next sample."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as router:
+        router.bind(("127.0.0.1", 0))
+        router.settimeout(5.0)
+        reporter = VitalsReporter(router.getsockname(), rank=3)
+        reporter.start()
+        first = Vitals.decode(router.recv(2048))
+        reporter.engines_exited()
+        reports = [Vitals.decode(router.recv(2048))]
+        router.settimeout(3 * VITALS_INTERVAL_S)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                reports.append(Vitals.decode(router.recv(2048)))
+    assert first is not None and first.rank == 3
+    last = reports[-1]
+    assert last is not None and last.engine is EngineState.GONE
+    assert (last.boot, last.rank) == (first.boot, 3) and last.seq > first.seq
