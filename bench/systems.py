@@ -110,6 +110,7 @@ def dprouter(deployment: Deployment) -> Iterator[Running]:
         model=deployment.model, ranks=deployment.ranks, listen=f"127.0.0.1:{free_port()}",
         rpc_port=free_ports(deployment.ranks), max_model_len=deployment.max_model_len,
         log_dir=deployment.log_dir / f"dprouter-{deployment.ranks}",
+        engine_niceness=0,  # vLLM's servers run engine and front end at one priority
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
         try:

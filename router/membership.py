@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -102,6 +103,7 @@ class Membership:
             return
         pool = CoupledRanks(joining.result())
         self._attach(pool, Ledger(self._ranks, pool.capacity))
+        _freeze_heap()
 
     def _attach(self, pool: RankPool, ledger: Ledger) -> None:
         policy = make_policy(
@@ -155,6 +157,7 @@ class Membership:
             pool.join(rank, client)
             self._dispatcher.ledger.set_healthy(rank, True)
         log.info("rank joined", extra={"rank": rank})
+        _freeze_heap()
         update = asyncio.ensure_future(self._health.update(self._dispatcher.loads()))
         self._updates.add(update)  # keep a reference until it is done
         update.add_done_callback(self._updates.discard)
@@ -175,3 +178,14 @@ class Membership:
         self._closed = True
         if (pool := self._dispatcher.pool) is not None:
             pool.close()
+
+
+def _freeze_heap() -> None:
+    """Puts what the process holds now out of the garbage collector's reach,
+    as vLLM's own API server does after start-up. An engine client (vLLM,
+    torch, the tokenizer: ~700k objects) lives as long as its rank; left in
+    reach, every full collection scanned it, stalling the event loop for a
+    second or more under load. A client replaced later is still freed by
+    reference counting, all but what of it sits in reference cycles."""
+    gc.collect()
+    gc.freeze()

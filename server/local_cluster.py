@@ -29,6 +29,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # What the tests and `make run` give every engine on a small CPU machine.
 CPU_ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager"]
+# CPU engines take every core they are given; below the router's priority
+# they leave it the moments it needs to answer health checks, refusals and
+# streams (which otherwise wait behind an engine's time slice).
+CPU_ENGINE_NICENESS = 10
 
 
 def free_port() -> int:
@@ -85,6 +89,9 @@ class ClusterSpec:
     # How to reach a router started with --tls-cert (and a client certificate
     # for --tls-client-ca); None is plaintext.
     credentials: grpc.ChannelCredentials | None = None
+    # The rank servers' `nice` increment (their engines inherit it); 0 runs
+    # them at the router's priority.
+    engine_niceness: int = CPU_ENGINE_NICENESS
     # Where the router takes the ranks' connections (vLLM's data-parallel RPC).
     data_parallel_address: str = "127.0.0.1"
     # Ranks whose server runs in a network namespace (`ip netns exec`), as if
@@ -160,8 +167,10 @@ class LocalCluster:
     ) -> subprocess.Popen[bytes]:
         env = cpu_engine_env(self.spec.ranks)
         netns = self.spec.rank_netns.get(rank)
-        # `ip netns exec` execs the command: the process is still the rank server.
+        # `ip netns exec` and `nice` exec the command: the process is still the rank server.
         prefix = ["ip", "netns", "exec", netns] if netns else []
+        if self.spec.engine_niceness:
+            prefix += ["nice", "-n", str(self.spec.engine_niceness)]
         flags = self.spec.rank_flags(rank) if flags is None else flags
         return self._spawn(name, ["-m", "server", *flags], env, prefix)
 
