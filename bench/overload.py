@@ -39,7 +39,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import CPU_ENGINE_FLAGS, ClusterSpec, LocalCluster, free_port, free_ports
+from server.local_cluster import ClusterSpec, LocalCluster, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -203,7 +203,7 @@ def main() -> None:
         ranks=args.ranks,
         listen=f"127.0.0.1:{free_port()}",
         rpc_port=free_ports(args.ranks),
-        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(args.max_num_seqs)],
+        engine_flags=["--max-num-seqs", str(args.max_num_seqs)],
         log_dir=LOGS,
     )
     capacity_clients = args.ranks * args.max_num_seqs

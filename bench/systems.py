@@ -25,20 +25,22 @@ from pathlib import Path
 
 import grpc
 
-from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
+from router.vllm_compat import (
+    ONE_PROCESS_ENGINE_ENV,
+    ONE_PROCESS_ENGINE_FLAGS,
+    VLLM_GRPC_SERVER,
+    VLLM_HTTP_SERVER,
+)
 from server.local_cluster import (
-    CPU_ENGINE_FLAGS,
     ClusterSpec,
     LocalCluster,
-    cpu_engine_env,
     free_port,
     free_ports,
     not_serving,
     stop_group,
 )
+from server.platforms import Platform
 
-VLLM_HTTP_ENTRY = "vllm.entrypoints.launchers.api_server.entry"
-VLLM_GRPC_ENTRY = "vllm.entrypoints.launchers.grpc_server"
 VLLM_GRPC_SERVICE = "vllm.grpc.engine.VllmEngine"
 
 
@@ -52,18 +54,32 @@ class Deployment:
     ranks: int
     max_model_len: int
     log_dir: Path
+    platform: Platform
+    # Every engine's flags after the platform's (a memory share where
+    # several systems share a GPU).
+    engine_flags_given: tuple[str, ...] = ()
     start_timeout: float = 600.0
+
+    @property
+    def cpu(self) -> bool:
+        return self.platform.name == "cpu"
 
     def engine_flags(self) -> list[str]:
         """One vLLM process serving every rank itself (vLLM's servers, the floor)."""
         return [
             "--model", self.model, "--max-model-len", str(self.max_model_len),
-            "--enable-prefix-caching", *CPU_ENGINE_FLAGS, "-dp", str(self.ranks),
-            *ONE_PROCESS_ENGINE_FLAGS,  # the engine layout of dprouter's CPU ranks
+            "--enable-prefix-caching", *self.platform.flags(self.ranks, self.engine_flags_given),
+            "-dp", str(self.ranks),
+            # The engine layout of dprouter's CPU ranks.
+            *(ONE_PROCESS_ENGINE_FLAGS if self.cpu else ()),
         ]  # fmt: skip
 
     def engine_env(self) -> dict[str, str]:
-        return {**cpu_engine_env(self.ranks), **ONE_PROCESS_ENGINE_ENV}
+        """CPU: the ranks' threads and KV cache. CUDA: vLLM's data parallelism
+        takes the GPUs itself."""
+        if not self.cpu:
+            return {}
+        return {**self.platform.env(self.ranks, 0), **ONE_PROCESS_ENGINE_ENV}
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ def dprouter(deployment: Deployment) -> Iterator[Running]:
         model=deployment.model, ranks=deployment.ranks, listen=f"127.0.0.1:{free_port()}",
         rpc_port=free_ports(deployment.ranks), max_model_len=deployment.max_model_len,
         log_dir=deployment.log_dir / f"dprouter-{deployment.ranks}",
+        engine_flags=list(deployment.engine_flags_given), platform=deployment.platform,
         engine_niceness=0,  # vLLM's servers run engine and front end at one priority
     )  # fmt: skip
     with contextlib.ExitStack() as stack:
@@ -127,7 +144,7 @@ def vllm_http(deployment: Deployment) -> Iterator[Running]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = deployment.log_dir / f"vllm-http-{deployment.ranks}.log"
-    args = ["-m", VLLM_HTTP_ENTRY, *deployment.engine_flags(), "--host", "127.0.0.1",
+    args = ["-m", VLLM_HTTP_SERVER, *deployment.engine_flags(), "--host", "127.0.0.1",
             "--port", str(port)]  # fmt: skip
     proc = spawn(args, deployment.engine_env(), log)
     try:
@@ -151,7 +168,7 @@ def vllm_grpc(deployment: Deployment) -> Iterator[Running]:
     address = f"127.0.0.1:{free_port()}"
     log = deployment.log_dir / f"vllm-grpc-{deployment.ranks}.log"
     host, port = address.split(":")
-    args = ["-m", VLLM_GRPC_ENTRY, *deployment.engine_flags(), "--host", host, "--port", port]
+    args = ["-m", VLLM_GRPC_SERVER, *deployment.engine_flags(), "--host", host, "--port", port]
     proc = spawn(args, deployment.engine_env(), log)
     try:
         with grpc.insecure_channel(address) as channel:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -44,10 +45,18 @@ except ImportError:  # vLLM 0.26 raises VLLMValidationError (a ValueError) for b
     from vllm.exceptions import (  # type: ignore[assignment]
         VLLMValidationError as VLLMClientError,
     )
-
 from router.engine_types import EngineDelta, EngineTokenLogprob, Sampling
 from router.pace import StepTimes
 from router.tracing import UNSAMPLED_HEADERS
+
+# Shim: the modules (`python -m`) of vLLM's OpenAI HTTP server (one API server, as
+# `vllm serve` runs it) and of its gRPC server.
+if importlib.util.find_spec("vllm.entrypoints.launchers") is not None:  # vLLM 0.32
+    VLLM_HTTP_SERVER = "vllm.entrypoints.launchers.api_server.entry"
+    VLLM_GRPC_SERVER = "vllm.entrypoints.launchers.grpc_server"
+else:  # vLLM 0.26
+    VLLM_HTTP_SERVER = "vllm.entrypoints.openai.api_server"
+    VLLM_GRPC_SERVER = "vllm.entrypoints.grpc_server"
 
 __all__ = [
     "EngineClient",
@@ -570,3 +579,23 @@ class EngineClient:
         if self._connection_watch is not None:
             self._connection_watch.cancel()
         self._llm.shutdown()
+
+
+class OfflineEngine:
+    """vLLM's offline `LLM`, built from engine flags as the servers take them,
+    the way vLLM's own throughput benchmark builds it."""
+
+    def __init__(self, engine_argv: Sequence[str]) -> None:
+        from vllm import LLM  # only the offline benchmark line needs them
+        from vllm.engine.arg_utils import EngineArgs
+
+        parser = new_flexible_parser("offline engine")
+        add_engine_args(parser)
+        engine_args = EngineArgs.from_cli_args(parser.parse_args(list(engine_argv)))
+        self._llm = LLM.from_engine_args(engine_args)
+
+    def generate(self, prompts: Sequence[list[int]], max_tokens: Sequence[int]) -> int:
+        """Generates greedily, EOS ignored, all at once; the output tokens."""
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
+        outputs = self._llm.generate(list(prompts), params, use_tqdm=False)
+        return sum(len(output.outputs[0].token_ids) for output in outputs)

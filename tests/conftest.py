@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -20,7 +21,6 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from server.local_cluster import (
-    CPU_ENGINE_FLAGS,
     ClusterSpec,
     LocalCluster,
     free_port,
@@ -36,6 +36,9 @@ TINY_MAX_MODEL_LEN = 16384
 # Greedy tokens that take the tiny model well over 20 s.
 LONG_TOKENS = 15000
 GRACE_PERIOD_S = 60
+# Engine flags for every cluster of the run, after the platform's and before
+# a test's own: e.g. a memory share where the suite runs on one GPU.
+ENGINE_FLAGS_GIVEN = shlex.split(os.environ.get("DPROUTER_TEST_ENGINE_FLAGS", ""))
 
 
 def tiny_spec(
@@ -43,6 +46,7 @@ def tiny_spec(
     tmp_path_factory: pytest.TempPathFactory,
     ranks: int = 2,
     router_flags: Sequence[str] = (),
+    engine_flags: Sequence[str] = (),
     **fields: Any,
 ) -> ClusterSpec:
     """A cluster of the tiny model, its logs in a folder named `name`."""
@@ -54,6 +58,7 @@ def tiny_spec(
         rpc_port=free_ports(ranks),
         max_model_len=TINY_MAX_MODEL_LEN,
         router_flags=list(router_flags),
+        engine_flags=[*ENGINE_FLAGS_GIVEN, *engine_flags],
         log_dir=Path(logs) / name if logs else tmp_path_factory.mktemp(name),
         **fields,
     )
@@ -146,7 +151,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         model=str(SMOLLM2_MODEL),
         listen=f"127.0.0.1:{free_port()}",
         rpc_port=free_ports(2),
-        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(SMOLLM2_MAX_NUM_SEQS)],
+        engine_flags=[*ENGINE_FLAGS_GIVEN, "--max-num-seqs", str(SMOLLM2_MAX_NUM_SEQS)],
         log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:

@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster
+from server.local_cluster import LocalCluster
 from tests.conftest import (
     LONG_TOKENS,
     engine_counts,
@@ -42,7 +42,7 @@ def small_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     spec = tiny_spec(
         "backpressure",
         tmp_path_factory,
-        engine_flags=[*CPU_ENGINE_FLAGS, "--max-num-seqs", str(RUNNING), *PRIORITY_SCHEDULING],
+        engine_flags=["--max-num-seqs", str(RUNNING), *PRIORITY_SCHEDULING],
         router_flags=["--grace-period", "5", "--max-queue-per-rank", str(QUEUED)],
         topology="coupled",
     )

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
-from server.local_cluster import CPU_ENGINE_FLAGS, LocalCluster, cpu_engine_env
+from server.local_cluster import LocalCluster
 from tests.conftest import ROOT, TINY_MAX_MODEL_LEN, TINY_MODEL
 from tests.test_detokenizer import deltas, stepped_in
 
@@ -54,13 +54,18 @@ async def test_greedy_output_equals_the_engine_called_directly(
     generate: generate_pb2_grpc.GenerateServiceAsyncStub, cluster: LocalCluster, tmp_path: object
 ) -> None:
     out = f"{tmp_path}/direct.json"
+    spec = cluster.spec
+    cpu = spec.platform.name == "cpu"  # CPU ranks run their engine in one process
     direct = subprocess.run(
         [sys.executable, "-m", "tests.direct_engine", "--out", out, "--model", str(TINY_MODEL),
-         "--max-model-len", str(TINY_MAX_MODEL_LEN), *CPU_ENGINE_FLAGS, *ONE_PROCESS_ENGINE_FLAGS],
+         "--max-model-len", str(TINY_MAX_MODEL_LEN),
+         *spec.platform.flags(spec.ranks, spec.engine_flags),
+         *(ONE_PROCESS_ENGINE_FLAGS if cpu else ())],
         input=json.dumps(PROMPTS).encode(),
         cwd=ROOT,
         # The engine as a rank of the session's cluster runs it.
-        env={**os.environ, **cpu_engine_env(cluster.spec.ranks), **ONE_PROCESS_ENGINE_ENV},
+        env={**os.environ, **spec.platform.env(spec.ranks, 0, spec.engine_flags),
+             **(ONE_PROCESS_ENGINE_ENV if cpu else {})},
         capture_output=True,
         timeout=300,
     )  # fmt: skip

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, in a copy of this checkout (bench/gpu/README.md says
+# how to call it): takes the payload pieces in, unpacks them, and runs the GPU
+# checks and the benchmark in the background, logging to /tmp/run.
+#
+#     bench/gpu/device.sh piece N      # move payload piece N (.cN) to /tmp/chunks
+#     bench/gpu/device.sh unpack       # check and unpack the pieces into /tmp/site
+#     bench/gpu/device.sh start        # run `all` in the background (setsid)
+#     bench/gpu/device.sh wait SECONDS # wait for it (or SECONDS), then copy what it wrote to $OUT
+#     bench/gpu/device.sh all          # the run itself: smoke, long prefill, benchmark, tests
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+RUN=/tmp/run
+SITE=/tmp/site
+MODEL=/tmp/models/llama-1b
+export PYTHONPATH=$SITE:$REPO:$REPO/clients/python PYTHONUNBUFFERED=1
+# flashinfer is not carried: vLLM's own top-k/top-p sampler.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+PY=python3
+# Six engines share the one GPU in the benchmark (every system, and dprouter's
+# second rank): each a share of its memory, the KV cache sized without vLLM's
+# memory profiling (which would run while another engine allocates).
+BENCH_FLAGS="--gpu-memory-utilization 0.11 --kv-cache-memory-bytes 8G --max-num-seqs 256
+  --max-num-batched-tokens 8192"
+# The test suite starts several tiny-model clusters at once on the GPU.
+TEST_FLAGS="--enforce-eager --gpu-memory-utilization 0.04 --kv-cache-memory-bytes 2G"
+TESTS="tests/test_generate.py tests/test_health_reflection.py tests/test_cancellation.py
+  tests/test_failover.py"
+
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+smoke() {
+  # What `make run` runs once set up, on the 1 B model: 2 ranks, the platform's
+  # defaults (CUDA: the two share the GPU's memory), then the terminal client.
+  local listen=127.0.0.1:50051 cli=("$PY" -m dprouter.cli)
+  "$PY" -m server.local_cluster --model "$MODEL" --ranks 2 --max-model-len 16384 \
+    --listen "$listen" > "$RUN/smoke-cluster.log" 2>&1 &
+  local cluster=$!
+  for _ in $(seq 300); do
+    "${cli[@]}" health --address "$listen" > /dev/null 2>&1 && break
+    sleep 1
+  done
+  "${cli[@]}" health --address "$listen"
+  "${cli[@]}" generate "The sea" --max-tokens 24 --ignore-eos --address "$listen"
+  "${cli[@]}" ranks --address "$listen"
+  step "long prefill"
+  "$PY" -m bench.gpu.long_prefill "$listen" --context 16384 --vocab-size 1000 --ranks 2
+  kill -INT "$cluster"
+  local code=0
+  wait "$cluster" || code=$?
+  echo "local_cluster exited $code after Ctrl-C"
+}
+
+all() {
+  mkdir -p "$RUN"
+  step "machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  nproc
+  "$PY" -c 'import sys, torch, vllm, transformers, grpc
+print("python", sys.version.split()[0], "torch", torch.__version__, "vllm", vllm.__version__,
+      "transformers", transformers.__version__, "grpcio", grpc.__version__)'
+  git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || true
+  step "models"
+  "$PY" -m server.build_model tiny "$REPO/models/tiny-llama"
+  "$PY" -m server.build_model llama-1b "$MODEL"
+  step "smoke: local cluster, CLI, long prefill"
+  smoke > "$RUN/smoke.log" 2>&1 || echo "smoke failed: see smoke.log"
+  step "benchmark"
+  # Servers on cores 0-7, a load process per system on each of 8-15.
+  taskset -c 0-7 "$PY" -m bench.compare --models "$MODEL" \
+    --systems dprouter "dprouter (token ids)" vllm-http vllm-grpc inprocess \
+    --concurrency 1 16 64 256 1024 --rounds 2 --requests-per-stream 2 --min-requests 16 \
+    --load-cores 8 9 10 11 12 13 14 15 --engine-flags "$BENCH_FLAGS" \
+    --tag h200 --logs "$RUN/bench-logs" --out "$RUN/results" > "$RUN/bench.log" 2>&1 \
+    || echo "benchmark failed: see bench.log"
+  step "tests on CUDA ranks"
+  DPROUTER_TEST_ENGINE_FLAGS="$TEST_FLAGS" DPROUTER_TEST_LOGS="$RUN/test-logs" \
+    timeout 540 "$PY" -m pytest -p no:cacheprovider -q $TESTS > "$RUN/tests.log" 2>&1 \
+    || echo "tests failed (exit $?): see tests.log"
+  tail -3 "$RUN/tests.log"
+  step "done"
+}
+
+case "${1:-}" in
+  piece)
+    mkdir -p /tmp/chunks
+    mv ".c$2"/site.* /tmp/chunks/
+    ls -la /tmp/chunks
+    ;;
+  unpack)
+    (cd /tmp/chunks && sha256sum -c site.sha256)
+    mkdir -p "$SITE"
+    cat /tmp/chunks/site.tar.xz.* | xz -d -T0 | tar -x -C "$SITE"
+    du -sh "$SITE"
+    ;;
+  start)
+    mkdir -p "$RUN"
+    setsid nohup bash "$0" all > "$RUN/all.log" 2>&1 < /dev/null &
+    ;;
+  wait)
+    end=$((SECONDS + $2))
+    while ! grep -q "== .* done" "$RUN/all.log" 2>/dev/null && ((SECONDS < end)); do sleep 5; done
+    cat "$RUN/all.log"
+    cp "$RUN"/results/*.md "$OUT/" 2>/dev/null || true
+    tar -czf "$OUT/run.tgz" -C "$RUN" --exclude='*.png' . 2>/dev/null || true
+    ;;
+  all) all ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
+esac
