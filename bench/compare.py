@@ -197,9 +197,11 @@ class Bench:
         top = max(args.concurrency)
         count = max(args.min_requests, args.requests_per_stream * top)
         deployment = self.deployment(model, 1)
+        result = self.logs / "offline.json"
+        result.unlink(missing_ok=True)
         command = [
             sys.executable, "-m", "bench.offline", "--count", str(count), "--seed", str(args.seed),
-            "--vocab-size", str(vocab_size(model)),
+            "--vocab-size", str(vocab_size(model)), "--out", str(result),
             "--prompt-tokens", *map(str, args.prompt_tokens),
             "--output-tokens", *map(str, args.output_tokens),
             "--", *deployment.engine_flags(),
@@ -207,17 +209,16 @@ class Bench:
         log = self.logs / "offline.log"
         with open(log, "wb") as out:
             done = subprocess.run(
-                command, stdout=subprocess.PIPE, stderr=out,
+                command, stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, **deployment.engine_env()}, check=False,
             )  # fmt: skip
-        lines = done.stdout.decode(errors="replace").strip().splitlines()
-        if done.returncode != 0 or not lines:
+        if done.returncode != 0 or not result.exists():
             self.notes.append(f"vLLM offline could not run: exit {done.returncode} (log: {log})")
             return ""
-        result = json.loads(lines[-1])
+        offline = json.loads(result.read_text())
         return (
-            f"vLLM alone, offline (`LLM.generate`, bench/offline.py): {result['requests']} "
-            f"requests of this workload at once, {result['tokens_per_s']:,.0f} tokens/s\n"
+            f"vLLM alone, offline (`LLM.generate`, bench/offline.py): {offline['requests']} "
+            f"requests of this workload at once, {offline['tokens_per_s']:,.0f} tokens/s\n"
         )
 
     def _load(self, system: str, running: systems.Running, model: Path) -> LoadGroup:

@@ -2,9 +2,10 @@
 requests at once. No front end, no network: the engine's own rate, the line
 that the served systems' tokens/s are read against.
 
-    python -m bench.offline --count 256 --vocab-size 1000 -- --model DIR ...
+    python -m bench.offline --count 256 --vocab-size 1000 --out R.json -- --model DIR ...
 
-Prints one JSON line: requests, output tokens, seconds, tokens per second.
+Writes requests, output tokens, seconds and tokens per second to --out as JSON
+(vLLM logs to stdout).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from bench.workload import Shape, requests
 from router.vllm_compat import OfflineEngine
@@ -20,6 +22,7 @@ from router.vllm_compat import OfflineEngine
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, required=True, help="requests")
+    parser.add_argument("--out", type=Path, required=True, help="the JSON result")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--prompt-tokens", nargs=2, type=int, default=[16, 256])
@@ -34,8 +37,8 @@ def main() -> None:
     start = time.perf_counter()
     tokens = engine.generate([r.prompt for r in batch], [r.max_tokens for r in batch])
     wall = time.perf_counter() - start
-    line = {"requests": len(batch), "output_tokens": tokens, "wall_s": wall}
-    print(json.dumps({**line, "tokens_per_s": tokens / wall}), flush=True)
+    result = {"requests": len(batch), "output_tokens": tokens, "wall_s": wall}
+    args.out.write_text(json.dumps({**result, "tokens_per_s": tokens / wall}))
 
 
 if __name__ == "__main__":

@@ -163,22 +163,34 @@ class LocalCluster:
         flags = spec.rank_flags(rank) if flags is None else flags
         return self._spawn(name, ["-m", "server", *flags], env, prefix)
 
-    def start(self) -> None:
+    def start(self, timeout: float) -> None:
+        """Starts the ranks and the router. Ranks that share a GPU start one
+        after another (`Platform.start_waves`): this waits, up to `timeout`,
+        for each to serve before the next."""
         spec = self.spec
-        self.ranks = [self._spawn_rank(rank, f"rank{rank}") for rank in range(spec.ranks)]
-        if spec.with_router:
-            self.router = self._spawn(
-                "router",
-                ["-m", "router", *spec.router_engine_flags(), "--topology", spec.topology,
-                 "--listen", spec.listen, *spec.router_flags],
-                {},
-            )  # fmt: skip
+        waves = spec.platform.start_waves(spec.ranks, spec.engine_flags)
+        if not spec.with_router:  # nothing to tell when a rank is up
+            waves = [list(range(spec.ranks))]
+        started: dict[int, subprocess.Popen[bytes]] = {}
+        deadline = time.monotonic() + timeout
+        for wave in waves:
+            if started:
+                self.wait_serving(deadline - time.monotonic(), sorted(started))
+            started.update({rank: self._spawn_rank(rank, f"rank{rank}") for rank in wave})
+            self.ranks = [started[rank] for rank in sorted(started)]
+            if spec.with_router and self.router is None:
+                self.router = self._spawn(
+                    "router",
+                    ["-m", "router", *spec.router_engine_flags(), "--topology", spec.topology,
+                     "--listen", spec.listen, *spec.router_flags],
+                    {},
+                )  # fmt: skip
 
     @contextlib.contextmanager
     def serving(self, timeout: float) -> Iterator[LocalCluster]:
         """Starts the cluster, waits for SERVING, and stops it on leaving."""
-        self.start()
         try:
+            self.start(timeout)
             if self.spec.with_router:
                 self.wait_serving(timeout)
             yield self
@@ -210,11 +222,12 @@ class LocalCluster:
             if proc.poll() is not None:
                 raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
 
-    def wait_serving(self, timeout: float) -> None:
+    def wait_serving(self, timeout: float, ranks: Sequence[int] | None = None) -> None:
         """Blocks until the router's Health says SERVING for the router and for
-        every rank (the router serves as soon as one rank has joined); raises
-        if a process died."""
-        names = ["", *(f"rank/{rank}" for rank in range(self.spec.ranks))]
+        every rank (or those of `ranks`; the router serves as soon as one rank
+        has joined); raises if a process died."""
+        waited = range(self.spec.ranks) if ranks is None else ranks
+        names = ["", *(f"rank/{rank}" for rank in waited)]
         deadline = time.monotonic() + timeout
         waiting = names
         with self.spec.channel() as channel:

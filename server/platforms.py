@@ -60,6 +60,17 @@ class Platform:
         devices = rank_gpus(self.gpus, rank, gpus_per_rank(extra))
         return {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
 
+    def start_waves(self, ranks: int, extra: Sequence[str] = ()) -> list[list[int]]:
+        """The ranks in the order they may start: all at once, but those that
+        share a GPU one after another, each once the one before has taken its
+        memory. vLLM sizes its KV cache from what it sees used while it
+        profiles: beside an engine that allocates, it is left next to none."""
+        if self.name == "cpu":
+            return [list(range(ranks))]
+        at_once = max(len(self.gpus) // gpus_per_rank(extra), 1)
+        firsts = range(0, ranks, at_once)
+        return [list(range(first, min(first + at_once, ranks))) for first in firsts]
+
 
 def gpus_per_rank(flags: Sequence[str]) -> int:
     """The tensor-parallel size the flags ask for (the last one given), else 1."""

@@ -63,3 +63,11 @@ def test_ranks_that_share_a_gpu_share_its_memory() -> None:
     assert one.flags(3)[:2] == ["--gpu-memory-utilization", "0.3"]
     # A share given by the caller comes last, so vLLM takes it.
     assert one.flags(2, ["--gpu-memory-utilization", "0.2"])[-1] == "0.2"
+
+
+def test_ranks_that_share_a_gpu_start_one_after_another() -> None:
+    assert Platform("cpu").start_waves(4) == [[0, 1, 2, 3]]
+    assert Platform("cuda", ("0",)).start_waves(2) == [[0], [1]]
+    assert Platform("cuda", ("0", "1")).start_waves(4) == [[0, 1], [2, 3]]
+    assert Platform("cuda", ("0", "1", "2", "3")).start_waves(2) == [[0, 1]]
+    assert Platform("cuda", ("0", "1", "2", "3")).start_waves(4, ["-tp", "2"]) == [[0, 1], [2, 3]]

@@ -43,4 +43,15 @@ for i in 0 1 2; do
   mkdir -p ".c$((i + 1))" && cp "$WORK/site.tar.xz.$i" ".c$((i + 1))/"
 done
 cp "$WORK/site.sha256" .c3/
+
+# `ip` for the partition test, which the image lacks: Debian 12's iproute2 and
+# the libraries it links, run there through the dynamic loader (device.sh).
+ipr="$WORK/iproute2"
+rm -rf "$ipr" && mkdir -p "$ipr/debs" .c3/ipr/bin .c3/ipr/lib
+(cd "$ipr/debs" && apt-get download -q iproute2 libbpf1 libmnl0 libxtables12 libelf1 libcap2 \
+  libtirpc3 libbsd0 libdb5.3 libselinux1 libmd0 libpcre2-8-0 libzstd1 zlib1g libgssapi-krb5-2 \
+  libkrb5-3 libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1 2>/dev/null)
+for deb in "$ipr"/debs/*.deb; do dpkg -x "$deb" "$ipr/root"; done
+cp "$ipr/root/bin/ip" .c3/ipr/bin/
+cp -a "$ipr"/root/lib/x86_64-linux-gnu/*.so* "$ipr"/root/usr/lib/x86_64-linux-gnu/*.so* .c3/ipr/lib/
 du -sh .c1 .c2 .c3 2>/dev/null

@@ -85,6 +85,7 @@ case "${1:-}" in
   piece)
     mkdir -p /tmp/chunks
     mv ".c$2"/site.* /tmp/chunks/
+    if [ -d ".c$2/ipr" ]; then rm -rf /tmp/ipr && mv ".c$2/ipr" /tmp/ipr; fi
     ls -la /tmp/chunks
     ;;
   unpack)
@@ -92,6 +93,13 @@ case "${1:-}" in
     mkdir -p "$SITE"
     cat /tmp/chunks/site.tar.xz.* | xz -d -T0 | tar -x -C "$SITE"
     du -sh "$SITE"
+    if ! command -v ip > /dev/null; then
+      # The loader's own library path is not inherited by what `ip netns exec` runs.
+      printf '#!/bin/sh\nexec /lib64/ld-linux-x86-64.so.2 --library-path /tmp/ipr/lib /tmp/ipr/bin/ip "$@"\n' \
+        > /usr/local/bin/ip
+      chmod +x /usr/local/bin/ip
+    fi
+    ip -V
     ;;
   start)
     mkdir -p "$RUN"
