@@ -27,6 +27,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO
@@ -245,47 +246,74 @@ class Bench:
 
     @contextlib.contextmanager
     def started(self, model: Path) -> Iterator[dict[str, tuple[LoadGroup, int | None]]]:
-        """Every system's load process (and server), ready; the ones that
-        cannot run are left out with a note saying why."""
+        """Every system's load processes (and server), ready; the ones that
+        cannot run are left out with a note saying why. The servers start
+        together: each waits minutes for its engine, mostly alone."""
+        args = self.args
+        wanted = [*args.systems, *([SCALED] if args.scaling else [])]
+        with contextlib.ExitStack() as stack:
+            with ThreadPoolExecutor(len(wanted)) as pool:
+                starts = {system: pool.submit(self._start, system, model) for system in wanted}
+            started: dict[str, systems.Running | LoadGroup] = {}
+            for system, start in starts.items():
+                try:
+                    running, system_stack = start.result()
+                except systems.Unavailable as e:
+                    self.notes.append(f"{system} could not run here: {e}")
+                    print(self.notes[-1], flush=True)
+                    continue
+                stack.enter_context(system_stack)
+                if running is not None:
+                    started[system] = running
+            loads: dict[str, tuple[LoadGroup, int | None]] = {}
+            for system in wanted:
+                if isinstance(floor := started.get(system), LoadGroup):
+                    loads[system] = (floor, floor.pid)
+                    continue
+                # The Go client and token ids drive the dprouter started for "dprouter".
+                server = started.get("dprouter" if system in (GO_CLIENT, TOKEN_IDS) else system)
+                if not isinstance(server, systems.Running):
+                    if system in (GO_CLIENT, TOKEN_IDS):
+                        self.notes.append(f"{system} could not run here: dprouter is not running")
+                    continue
+                try:
+                    load = self._load(system, server, model)
+                except systems.Unavailable as e:
+                    self.notes.append(f"{system} could not run here: {e}")
+                    continue
+                stack.callback(load.close)
+                loads[system] = (load, server.front_end_pid)
+            yield loads
+
+    def _start(
+        self, system: str, model: Path
+    ) -> tuple[systems.Running | LoadGroup | None, contextlib.ExitStack]:
+        """Starts the system's server (the floor: its load process, which
+        holds the engine); None for those that drive another system's."""
         args = self.args
         external = {"dprouter": args.dprouter_address, "vllm-grpc": args.vllm_grpc_address,
                     "vllm-http": args.vllm_http_url}  # fmt: skip
         deployment = self.deployment(model, args.ranks)
-        with contextlib.ExitStack() as stack:
-            loads: dict[str, tuple[LoadGroup, int | None]] = {}
-            started: dict[str, systems.Running] = {}
-            wanted = [*args.systems, *([SCALED] if args.scaling else [])]
-            for system in wanted:
-                print(f"starting {system} ({model.name})", flush=True)
-                try:
-                    if system == FLOOR:
-                        # One process: it holds the engine.
-                        floor = LoadGroup([LoadProcess(
-                            PYTHON_LOAD, [FLOOR, "-", "--", *deployment.engine_flags()],
-                            self.logs / "load-inprocess.log", deployment.engine_env(),
-                        )])  # fmt: skip
-                        stack.callback(floor.close)
-                        loads[system] = (floor, floor.pid)
-                        continue
-                    if system in (GO_CLIENT, TOKEN_IDS):
-                        if "dprouter" not in started:
-                            raise systems.Unavailable("it drives dprouter, which is not running")
-                        running = started["dprouter"]
-                    elif system == SCALED:
-                        two = self.deployment(model, 2)
-                        running = stack.enter_context(systems.dprouter(two))
-                    elif external.get(system):
-                        running = systems.Running(external[system], None)
-                    else:
-                        running = stack.enter_context(NETWORK_SYSTEMS[system](deployment))
-                    started[system] = running
-                    load = self._load(system, running, model)
-                    stack.callback(load.close)
-                    loads[system] = (load, running.front_end_pid)
-                except systems.Unavailable as e:
-                    self.notes.append(f"{system} could not run here: {e}")
-                    print(self.notes[-1], flush=True)
-            yield loads
+        stack = contextlib.ExitStack()
+        print(f"starting {system} ({model.name})", flush=True)
+        try:
+            if system == FLOOR:
+                floor = LoadGroup([LoadProcess(
+                    PYTHON_LOAD, [FLOOR, "-", "--", *deployment.engine_flags()],
+                    self.logs / "load-inprocess.log", deployment.engine_env(),
+                )])  # fmt: skip
+                stack.callback(floor.close)
+                return floor, stack
+            if system in (GO_CLIENT, TOKEN_IDS):
+                return None, stack
+            if system == SCALED:
+                return stack.enter_context(systems.dprouter(self.deployment(model, 2))), stack
+            if external.get(system):
+                return systems.Running(external[system], None), stack
+            return stack.enter_context(NETWORK_SYSTEMS[system](deployment)), stack
+        except BaseException:
+            stack.close()
+            raise
 
     def compare(self, model: Path) -> Results:
         args = self.args

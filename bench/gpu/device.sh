@@ -8,6 +8,8 @@
 #     bench/gpu/device.sh start        # run `all` in the background (setsid)
 #     bench/gpu/device.sh wait SECONDS # wait for it (or SECONDS), then copy what it wrote to $OUT
 #     bench/gpu/device.sh all          # the run itself: smoke, long prefill, benchmark, tests
+#     bench/gpu/device.sh smoke        # only the smoke and long prefill, in the foreground
+#     bench/gpu/device.sh tests FILE.. # only those tests, in the foreground
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 RUN=/tmp/run
@@ -113,5 +115,16 @@ case "${1:-}" in
     tar -czf "$OUT/run.tgz" -C "$RUN" --exclude='*.png' . 2>/dev/null || true
     ;;
   all) all ;;
+  smoke)
+    "$PY" -m server.build_model llama-1b "$MODEL" > /dev/null 2>&1
+    mkdir -p "$RUN" && smoke
+    grep -h "KV cache size" "$RUN/smoke-cluster.log"
+    ;;
+  tests)
+    shift
+    "$PY" -m server.build_model tiny "$REPO/models/tiny-llama" > /dev/null 2>&1
+    DPROUTER_TEST_ENGINE_FLAGS="$TEST_FLAGS" DPROUTER_TEST_LOGS="$RUN/test-logs" \
+      "$PY" -m pytest -p no:cacheprovider -q "$@"
+    ;;
   *) sed -n '2,10p' "$0"; exit 2 ;;
 esac
