@@ -486,31 +486,10 @@ def model_sections(
     return sections
 
 
-def main() -> None:
-    args = parse_args()
-    bench = Bench(args)
-    started = datetime.datetime.now(datetime.UTC)
-    load_before = load_average()
-    sections: list[str] = []
-    for name in args.models:
-        results = bench.compare(model_path(name))
-        sections += model_sections(name, results, args, started, bench.notes)
-        if args.offline and (line := bench.offline(model_path(name))):
-            sections.append(line)
-    if args.ceiling:
-        ceiling = report.systems_table(bench.ceiling())
-        generator = (
-            ", and the load generator's own: its processes, each against a stand-in of its "
-            "own, so no system above could outrun this row"
-        )
-        sections.append(
-            "Streaming ceiling of one router process over an engine stand-in "
-            f"(bench/standin.py; {args.ceiling_tokens} one-token messages a stream)"
-            f"{generator if len(args.load_cores) > 1 else ''}:\n\n{ceiling}\n"
-        )
-    sections.append(cost_table() + "\n")
-    header = [
-        f"## Benchmark {started:%Y-%m-%d %H:%M} UTC",
+def header(args: argparse.Namespace, started: datetime.datetime, notes: list[str],
+           load_before: str, done: bool) -> str:  # fmt: skip
+    lines = [
+        f"## Benchmark {started:%Y-%m-%d %H:%M} UTC{'' if done else ' (under way)'}",
         "",
         f"- machine: {machine()}",
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_average()}",
@@ -522,15 +501,51 @@ def main() -> None:
         "- ratios in brackets: the value over dprouter's at the same concurrency; "
         "front-end CPU: the router process, vLLM's server process, or (inprocess) "
         "the whole load process, engine client and load alike",
-        *(f"- note: {note}" for note in bench.notes),
+        *(f"- note: {note}" for note in notes),
         "",
     ]
-    text = "\n".join(header) + "\n" + "\n".join(sections)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    started = datetime.datetime.now(datetime.UTC)
+    load_before = load_average()
     tag = "".join(f"-{t}" for t in (args.tag, "quick" if args.quick else "") if t)
     out = Path(args.out) / f"{started:%Y-%m-%d}{tag}.md"
     # The day's earlier runs stay, below this one.
     earlier = out.read_text() if out.exists() else ""
-    out.write_text(text + (f"\n{earlier}" if earlier else ""))
+    sections: list[str] = []
+
+    def write(done: bool = False) -> str:
+        """The report so far, written after each part: a failure later keeps it."""
+        text = header(args, started, bench.notes, load_before, done) + "\n" + "\n".join(sections)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + (f"\n{earlier}" if earlier else ""))
+        return text
+
+    for name in args.models:
+        results = bench.compare(model_path(name))
+        sections.extend(model_sections(name, results, args, started, bench.notes))
+        write()
+        if args.offline and (line := bench.offline(model_path(name))):
+            sections.append(line)
+            write()
+    if args.ceiling:
+        ceiling = report.systems_table(bench.ceiling())
+        generator = (
+            ", and the load generator's own: its processes, each against a stand-in of its "
+            "own, so no system above could outrun this row"
+        )
+        sections.append(
+            "Streaming ceiling of one router process over an engine stand-in "
+            f"(bench/standin.py; {args.ceiling_tokens} one-token messages a stream)"
+            f"{generator if len(args.load_cores) > 1 else ''}:\n\n{ceiling}\n"
+        )
+        write()
+    sections.append(cost_table() + "\n")
+    text = write(done=True)
     print(f"\n{text}\nwritten to {out}")
 
 
