@@ -155,7 +155,7 @@ check: $(STUBS)
 	cd protos && ../$(VENV)/bin/buf lint
 	$(PY) -m clients.api_reference --check
 
-# README.md's API reference, from the comments in protos/.
+# docs/api.md, the API reference, from the comments in protos/.
 api-reference: $(STAMP)
 	$(PY) -m clients.api_reference
 
