@@ -77,7 +77,10 @@ template = generate_pb2.CompleteRequest(
 ).SerializeToString()
 at = template.index(b"0000 ")
 channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.max_send_message_length", 1 << 23)])
+grpc.channel_ready_future(channel).result(timeout=60)
 complete = channel.unary_unary("/dprouter.v1.GenerateService/Complete")
+print("ready", flush=True)
+sys.stdin.readline()  # the other client's timing has begun
 times = []
 for i in range(first, last):
     # Unlike each other, so no cache of any kind answers for them.
@@ -102,14 +105,18 @@ async def beside_sender(
 ) -> tuple[list[float], list[float]]:
     """The other client's latencies while the sender sends `prompts`, and the
     seconds each of those took to be refused."""
-    stop = asyncio.Event()
-    other = asyncio.ensure_future(timed_short_requests(generate, stop))
     sender = await asyncio.create_subprocess_exec(
         sys.executable, "-c", SENDER, cluster.spec.listen, str(prompts.start), str(prompts.stop),
         cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'clients' / 'python'}"},
-        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, _ = await sender.communicate()
+    # Timed from when the sender has started and built its prompts: its own
+    # start-up is a second of CPU that is not the router's doing.
+    assert sender.stdout is not None
+    assert await sender.stdout.readline() == b"ready\n"
+    stop = asyncio.Event()
+    other = asyncio.ensure_future(timed_short_requests(generate, stop))
+    out, _ = await sender.communicate(b"go\n")
     stop.set()
     during = await other
     assert sender.returncode == 0
