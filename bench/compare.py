@@ -192,11 +192,14 @@ class Bench:
             tuple(shlex.split(args.engine_flags)),
         )  # fmt: skip
 
+    def requests_per_run(self, concurrency: int) -> int:
+        count: int = max(self.args.min_requests, self.args.requests_per_stream * concurrency)
+        return count
+
     def offline(self, model: Path) -> str:
         """vLLM alone on the top concurrency's workload (bench/offline.py)."""
         args = self.args
-        top = max(args.concurrency)
-        count = max(args.min_requests, args.requests_per_stream * top)
+        count = self.requests_per_run(max(args.concurrency))
         deployment = self.deployment(model, 1)
         result = self.logs / "offline.json"
         result.unlink(missing_ok=True)
@@ -255,6 +258,7 @@ class Bench:
             with ThreadPoolExecutor(len(wanted)) as pool:
                 starts = {system: pool.submit(self._start, system, model) for system in wanted}
             started: dict[str, systems.Running | LoadGroup] = {}
+            failed: BaseException | None = None
             for system, start in starts.items():
                 try:
                     running, system_stack = start.result()
@@ -262,9 +266,14 @@ class Bench:
                     self.notes.append(f"{system} could not run here: {e}")
                     print(self.notes[-1], flush=True)
                     continue
+                except BaseException as e:  # the others started: stop them on the way out
+                    failed = failed or e
+                    continue
                 stack.enter_context(system_stack)
                 if running is not None:
                     started[system] = running
+            if failed is not None:
+                raise failed
             loads: dict[str, tuple[LoadGroup, int | None]] = {}
             for system in wanted:
                 if isinstance(floor := started.get(system), LoadGroup):
@@ -326,7 +335,7 @@ class Bench:
                 results[name] = {}
             for round_ in range(args.rounds):
                 for concurrency in args.concurrency:
-                    count = max(args.min_requests, args.requests_per_stream * concurrency)
+                    count = self.requests_per_run(concurrency)
                     seed = args.seed * 10_000 + round_ * 1000 + concurrency
                     batch = requests(seed, count, vocab_size(model), shape)
                     turn = names[round_ % len(names) :] + names[: round_ % len(names)]
