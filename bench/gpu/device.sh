@@ -67,12 +67,13 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "vllm", vllm
   "$PY" -m server.build_model llama-1b "$MODEL"
   step "smoke: local cluster, CLI, long prefill"
   smoke > "$RUN/smoke.log" 2>&1 || echo "smoke failed: see smoke.log"
+  grep -h "KV cache size" "$RUN/smoke-cluster.log" || true
   step "benchmark"
-  # Servers on cores 0-7, a load process per system on each of 8-15.
-  taskset -c 0-7 "$PY" -m bench.compare --models "$MODEL" \
+  # Servers on cores 0-11, a load process per system on each of 12-15.
+  taskset -c 0-11 "$PY" -m bench.compare --models "$MODEL" \
     --systems dprouter "dprouter (token ids)" vllm-http vllm-grpc inprocess \
     --concurrency 1 16 64 256 1024 --rounds 2 --requests-per-stream 2 --min-requests 16 \
-    --load-cores 8 9 10 11 12 13 14 15 --engine-flags "$BENCH_FLAGS" \
+    --load-cores 12 13 14 15 --engine-flags "$BENCH_FLAGS" \
     --tag h200 --logs "$RUN/bench-logs" --out "$RUN/results" > "$RUN/bench.log" 2>&1 \
     || echo "benchmark failed: see bench.log"
   step "tests on CUDA ranks"
