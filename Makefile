@@ -130,7 +130,7 @@ models: $(TINY)/config.json $(SMOLLM2)/config.json
 run: $(STUBS) $(SMOLLM2)/config.json
 	$(PY) -m server.local_cluster --model $(SMOLLM2) --ranks $(RANKS) --listen $(LISTEN) \
 		$(if $(METRICS_LISTEN),--metrics-listen $(METRICS_LISTEN)) \
-		$(if $(ENGINE_FLAGS),--engine-flags "$(ENGINE_FLAGS)")
+		$(if $(ENGINE_FLAGS),--engine-flags="$(ENGINE_FLAGS)")
 
 # The `traces` extra of pyproject.toml, installed into its own venv.
 $(PHOENIX_STAMP): pyproject.toml
