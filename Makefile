@@ -140,7 +140,7 @@ $(PHOENIX_STAMP): pyproject.toml
 	touch $@
 
 # A local trace viewer: UI and OTLP/HTTP on 127.0.0.1:$(TRACES_PORT), OTLP/gRPC on
-# 127.0.0.1:$(TRACES_GRPC_PORT); its data stays in build/phoenix. See README, Tracing.
+# 127.0.0.1:$(TRACES_GRPC_PORT); its data stays in build/phoenix. See docs/observability.md.
 traces: $(PHOENIX_STAMP)
 	mkdir -p build/phoenix
 	PHOENIX_HOST=127.0.0.1 PHOENIX_PORT=$(TRACES_PORT) PHOENIX_GRPC_PORT=$(TRACES_GRPC_PORT) \

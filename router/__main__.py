@@ -1,4 +1,4 @@
-"""`python -m router --model DIR -dp N [flags]`: see router/config.py and README.md."""
+"""`python -m router --model DIR -dp N [flags]`: see router/config.py and docs/configuration.md."""
 
 import asyncio
 import contextlib
