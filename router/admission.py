@@ -181,7 +181,9 @@ class Returns:
     room for a few: the rest are refused again, and the router spends its
     time on that herd while every other call waits. Each gets its own turn
     instead, `interval_s` after the one before: how often a slot can be
-    expected to free."""
+    expected to free. A turn may be later than MAX_RETRY_DELAY_S, the bound
+    of one estimate: capped, every client past it would be told the same time
+    and come back as one herd."""
 
     def __init__(self) -> None:
         self._due: list[float] = []  # the promised times, ascending
@@ -196,9 +198,8 @@ class Returns:
             if promised - at >= interval_s:
                 break  # a free turn before this one
             at = max(at, promised + interval_s)
-        delay = min(at - now, MAX_RETRY_DELAY_S)
-        bisect.insort(due, now + delay)
-        return delay
+        bisect.insort(due, at)
+        return at - now
 
 
 def slot_interval(ends: Sequence[Sequence[float] | None]) -> float:

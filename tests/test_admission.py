@@ -194,7 +194,9 @@ def test_refused_clients_are_given_turns_to_come_back() -> None:
     # Turns that came due count no more, and a later one leaves the turns before it free.
     assert returns.assign(13.0, 1.0, 0.5) == pytest.approx(1.0)
     assert returns.assign(13.0, 1.8, 0.5) == pytest.approx(2.5)  # too close to the turn at 15
-    assert admission.Returns().assign(0.0, 1e9, 1.0) == admission.MAX_RETRY_DELAY_S
+    # Past the bound of one estimate each still gets a turn of its own.
+    cap, later = admission.MAX_RETRY_DELAY_S, admission.Returns()
+    assert [later.assign(0.0, cap, 1.0) for _ in range(3)] == [cap, cap + 1, cap + 2]
     # Two ranks, each freeing a slot every 2 s on average: one every second.
     assert admission.slot_interval([[1.0, 4.0], None, [2.0, 3.0, 6.0]]) == pytest.approx(1.0)
     assert admission.slot_interval([None, []]) == 0.0
