@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.workload import Shape, requests
-from router.vllm_compat import OfflineEngine
+from router.vllm_compat.offline import OfflineEngine
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ explicit pin in the request bypasses the policy (see the dispatcher).
 
 Loads count requests the router itself has in flight on each rank, exact and
 without polling lag, plus what each engine reports with every step it runs
-(the scheduler stats that come with its outputs: `vllm_compat._watch_output_batches`).
+(the scheduler stats that come with its outputs: `vllm_compat.patches.watch_output_batches`).
 """
 
 from __future__ import annotations
