@@ -16,7 +16,7 @@ SMOLLM2 := models/smollm2-135m-instruct
 LISTEN ?= 127.0.0.1:50051
 RANKS ?= 2
 # vLLM flags for every rank of `make run`, after the platform's defaults
-# (server/platforms.py), e.g. ENGINE_FLAGS="--max-num-seqs 64".
+# (tools/platforms.py), e.g. ENGINE_FLAGS="--max-num-seqs 64".
 ENGINE_FLAGS ?=
 # The router's Prometheus endpoint under `make run` (empty turns it off).
 METRICS_LISTEN ?= 127.0.0.1:9464
@@ -119,16 +119,16 @@ build/cpp/generate: $(CPP_STUBS) clients/cpp/generate.cc
 		$$(pkg-config --libs grpc++ protobuf)
 
 # A changed builder rebuilds (the builder itself skips a model that is already built).
-$(TINY)/config.json: $(STAMP) server/build_model.py
-	rm -rf $(TINY) && $(PY) -m server.build_model tiny $(TINY)
+$(TINY)/config.json: $(STAMP) tools/build_model.py
+	rm -rf $(TINY) && $(PY) -m tools.build_model tiny $(TINY)
 
-$(SMOLLM2)/config.json: $(STAMP) server/build_model.py
-	rm -rf $(SMOLLM2) && $(PY) -m server.build_model smollm2 $(SMOLLM2)
+$(SMOLLM2)/config.json: $(STAMP) tools/build_model.py
+	rm -rf $(SMOLLM2) && $(PY) -m tools.build_model smollm2 $(SMOLLM2)
 
 models: $(TINY)/config.json $(SMOLLM2)/config.json
 
 run: $(STUBS) $(SMOLLM2)/config.json
-	$(PY) -m server.local_cluster --model $(SMOLLM2) --ranks $(RANKS) --listen $(LISTEN) \
+	$(PY) -m tools.local_cluster --model $(SMOLLM2) --ranks $(RANKS) --listen $(LISTEN) \
 		$(if $(METRICS_LISTEN),--metrics-listen $(METRICS_LISTEN)) \
 		$(if $(ENGINE_FLAGS),--engine-flags="$(ENGINE_FLAGS)")
 
@@ -150,7 +150,7 @@ traces: $(PHOENIX_STAMP)
 check: $(STUBS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy router server tests bench clients/python/generate.py clients/api_reference.py
+	$(VENV)/bin/mypy router server tools tests bench clients/python/generate.py clients/api_reference.py
 	$(VENV)/bin/mypy -p dprouter
 	cd protos && ../$(VENV)/bin/buf lint
 	$(PY) -m clients.api_reference --check

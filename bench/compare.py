@@ -39,8 +39,8 @@ from bench import report, systems
 from bench.report import Results
 from bench.routing import cost_table
 from bench.workload import Request, Run, Shape, requests
-from server.local_cluster import free_port, stop_group
-from server.platforms import detect
+from tools.local_cluster import free_port, stop_group
+from tools.platforms import detect
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -436,7 +436,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vllm-http-url", help="a running vLLM HTTP server (http://host:port)")
     parser.add_argument("--platform", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="the engines' defaults (server/platforms.py)")  # fmt: skip
+                        help="the engines' defaults (tools/platforms.py)")  # fmt: skip
     parser.add_argument("--engine-flags", default="",
                         help="vLLM flags for every engine, after the platform's")  # fmt: skip
     parser.add_argument("--offline", action=argparse.BooleanOptionalAction, default=True,

@@ -39,7 +39,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import ClusterSpec, LocalCluster, free_port, free_ports
+from tools.local_cluster import ClusterSpec, LocalCluster, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {

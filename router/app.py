@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import signal
 from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -110,27 +111,70 @@ def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
 
 async def serve(config: RouterConfig) -> int:
     """Runs the router until a signal; the process exit code."""
-    if tracing.setup():
-        endpoint = tracing.traces_endpoint()
-        assert endpoint is not None  # tracing is on
-        log.info("tracing to OTLP", extra={"endpoint": endpoint})
-        config = dataclasses.replace(
-            config, engine_args=with_traces_endpoint(config.engine_args, endpoint)
-        )
+    config = _with_tracing(config)
     metrics = Metrics()
     dispatcher = Dispatcher(metrics, config.limits, config.max_queue_per_rank, config.max_in_flight)
     metrics.watch(dispatcher.loads)
-    if config.metrics_listen is not None:
-        metrics_server = metrics.serve(config.metrics_listen)
-        log.info(
-            "serving metrics",
-            extra={"address": config.metrics_listen, "port": metrics_server.server_port},
-        )
+    metrics_server = _serve_metrics(metrics, config)
     health = RouterHealth()
     server = build_server(dispatcher, health, config)
     serve_port(server, config)
     await server.start()
     await health.starting(config.data_parallel_size)
+    _log_listening(config)
+    stopping = asyncio.ensure_future(_stop_signal().wait())
+    vitals = _vitals_listener(config)
+    await vitals.start()
+    membership = Membership(config, dispatcher, health)
+    membership.start()
+    joined = membership.first_join
+    await asyncio.wait([joined, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+    if not joined.done():
+        log.info("stopped before the ranks joined")
+        code = 0
+    elif (error := joined.exception()) is not None:
+        log.error("the ranks could not join", exc_info=error)
+        code = 1
+    else:
+        await health.update(dispatcher.loads())
+        watchdog = asyncio.ensure_future(_watchdog(config, dispatcher, vitals, health, membership))
+        await stopping
+        watchdog.cancel()
+        await _drain(config, dispatcher, health)
+        code = 0
+    await server.stop(grace=1.0 if code == 0 and joined.done() else None)
+    membership.close()
+    vitals.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    tracing.shutdown()
+    log.info("stopped")
+    return code
+
+
+def _with_tracing(config: RouterConfig) -> RouterConfig:
+    """The config, with vLLM's request tracing on where the router's is."""
+    if not tracing.setup():
+        return config
+    endpoint = tracing.traces_endpoint()
+    assert endpoint is not None  # tracing is on
+    log.info("tracing to OTLP", extra={"endpoint": endpoint})
+    return dataclasses.replace(
+        config, engine_args=with_traces_endpoint(config.engine_args, endpoint)
+    )
+
+
+def _serve_metrics(metrics: Metrics, config: RouterConfig) -> WSGIServer | None:
+    if config.metrics_listen is None:
+        return None
+    server = metrics.serve(config.metrics_listen)
+    log.info(
+        "serving metrics", extra={"address": config.metrics_listen, "port": server.server_port}
+    )
+    return server
+
+
+def _log_listening(config: RouterConfig) -> None:
     log.info(
         "listening",
         extra={
@@ -141,50 +185,48 @@ async def serve(config: RouterConfig) -> int:
         },
     )
 
+
+def _stop_signal() -> asyncio.Event:
+    """An event set at SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
 
+
+def _vitals_listener(config: RouterConfig) -> VitalsListener:
     engine_args = config.engine_args
-    vitals = VitalsListener(
+    return VitalsListener(
         config.data_parallel_size,
         engine_args.data_parallel_address or "127.0.0.1",
         engine_args.data_parallel_rpc_port,
         per_rank_ports=config.topology == "independent",
     )
-    await vitals.start()
-    membership = Membership(config, dispatcher, health)
-    membership.start()
-    stopping = asyncio.ensure_future(stop.wait())
-    joined = membership.first_join
-    await asyncio.wait([joined, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-    if not joined.done():
-        log.info("stopped before the ranks joined")
-        await server.stop(grace=None)
-        return 0
-    if (error := joined.exception()) is not None:
-        log.error("the ranks could not join", exc_info=error)
-        await server.stop(grace=None)
-        return 1
-    await health.update(dispatcher.loads())
 
+
+async def _watchdog(
+    config: RouterConfig,
+    dispatcher: Dispatcher,
+    vitals: VitalsListener,
+    health: RouterHealth,
+    membership: Membership,
+) -> None:
     async def health_changed() -> None:
         await health.update(dispatcher.loads())
 
-    watchdog = asyncio.ensure_future(
-        Watchdog(
-            dispatcher,
-            vitals,
-            health_changed,
-            membership.replace,
-            timeouts=dataclasses.replace(DEFAULT_TIMEOUTS, busy_timeout_s=config.busy_timeout),
-        ).run()
-    )
+    await Watchdog(
+        dispatcher,
+        vitals,
+        health_changed,
+        membership.replace,
+        timeouts=dataclasses.replace(DEFAULT_TIMEOUTS, busy_timeout_s=config.busy_timeout),
+    ).run()
 
-    await stopping
+
+async def _drain(config: RouterConfig, dispatcher: Dispatcher, health: RouterHealth) -> None:
+    """After a signal: no new requests, and the grace period for those in flight."""
     log.info("draining", extra={"grace_period_s": config.grace_period})
-    watchdog.cancel()
     await health.shutting_down()
     for rank in range(config.data_parallel_size):
         dispatcher.ledger.set_drained(rank, True)
@@ -192,11 +234,3 @@ async def serve(config: RouterConfig) -> int:
         ended = dispatcher.end_all()
         log.warning("grace period over; ended the remaining requests", extra={"requests": ended})
         await dispatcher.drain(STATUS_SEND_S)
-    await server.stop(grace=1.0)
-    membership.close()
-    vitals.close()
-    if config.metrics_listen is not None:
-        metrics_server.shutdown()
-    tracing.shutdown()
-    log.info("stopped")
-    return 0

@@ -69,6 +69,21 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         "dprouter router: serves gRPC Generate, Ranks, Health and reflection for "
         "data-parallel vLLM ranks that join it from rank servers (python -m server)."
     )
+    _add_router_args(parser)
+    _add_security_args(parser)
+    add_engine_args(parser)
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    try:
+        tokens = load_tokens(args.auth_tokens_file, os.environ.get(TOKENS_ENV))
+    except OSError as e:
+        parser.error(f"--auth-tokens-file: {e}")
+    if args.auth_tokens_file is not None and not tokens:
+        parser.error("--auth-tokens-file holds no token")
+    return _config(args, tokens)
+
+
+def _add_router_args(parser: argparse.ArgumentParser) -> None:
     router = parser.add_argument_group("router")
     router.add_argument(
         "--listen", default="127.0.0.1:50051", help="gRPC address to serve on (host:port)"
@@ -117,9 +132,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics "
         "(default: off; port 0 picks a free one)",
     )
-    _add_security_args(parser)
-    add_engine_args(parser)
-    args = parser.parse_args(argv)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with the usage and the reason when flags do not go together."""
     if args.metrics_listen is not None and not _is_host_port(args.metrics_listen):
         parser.error(f"--metrics-listen must be HOST:PORT, got {args.metrics_listen!r}")
     if args.rank_busy_timeout <= DEFAULT_TIMEOUTS.timeout_s:
@@ -144,12 +160,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
-    try:
-        tokens = load_tokens(args.auth_tokens_file, os.environ.get(TOKENS_ENV))
-    except OSError as e:
-        parser.error(f"--auth-tokens-file: {e}")
-    if args.auth_tokens_file is not None and not tokens:
-        parser.error("--auth-tokens-file holds no token")
+
+
+def _config(args: argparse.Namespace, tokens: frozenset[str]) -> RouterConfig:
     return RouterConfig(
         listen=args.listen,
         grace_period=args.grace_period,

@@ -30,6 +30,7 @@ from router.health import RouterHealth
 from router.ledger import Ledger
 from router.policies import make_policy
 from router.ranks import CoupledRanks, IndependentRanks, RankPool
+from router.topology import rank_port
 from router.vllm_compat import EngineClient, rank_group_args
 
 log = logging.getLogger("dprouter")
@@ -120,7 +121,7 @@ class Membership:
     def _join(self, rank: int) -> None:
         if rank in self._joining or self._closed:  # a retry and a replacement can meet
             return
-        port = self._config.engine_args.data_parallel_rpc_port + rank
+        port = rank_port(self._config.engine_args.data_parallel_rpc_port, rank)
         args = rank_group_args(self._config.engine_args, port)
         log.info("waiting for a rank to join", extra={"rank": rank, "port": port})
         joining = asyncio.ensure_future(start_client(args))

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from router.topology import rank_port
+
 log = logging.getLogger("dprouter")
 
 # How often a rank server reports.
@@ -139,7 +141,7 @@ class VitalsListener:
         loop = asyncio.get_running_loop()
         ports = range(self._ranks) if self._per_rank_ports else range(1)
         for index in ports:
-            port = self._base_port + index
+            port = rank_port(self._base_port, index)
             receiver = functools.partial(_Receiver, functools.partial(self._received, index))
             try:
                 transport, _ = await loop.create_datagram_endpoint(

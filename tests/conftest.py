@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from dprouter.v1 import generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import (
+from tools.local_cluster import (
     ClusterSpec,
     LocalCluster,
     free_port,

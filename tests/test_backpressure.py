@@ -21,7 +21,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import (
     LONG_TOKENS,
     engine_counts,
@@ -31,6 +30,7 @@ from tests.conftest import (
     wait_for_idle_engines,
 )
 from tests.test_failover import CUT_BOUND_S
+from tools.local_cluster import LocalCluster
 
 RUNNING, QUEUED = 2, 2
 PRIORITY_SCHEDULING = ["--scheduling-policy", "priority"]

@@ -8,7 +8,7 @@ import pytest
 from bench.clients import DprouterGrpc, closed_loop
 from bench.report import Cell, overhead_table, systems_table
 from bench.workload import Run, Shape, Timing, requests
-from server.local_cluster import LocalCluster
+from tools.local_cluster import LocalCluster
 
 
 @pytest.mark.parametrize("detokenize", [True, False])

@@ -17,8 +17,8 @@ import grpc
 import psutil
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import ROOT
+from tools.local_cluster import LocalCluster
 
 BIG_BYTES = 4 * 1024 * 1024 - 4096  # under gRPC's (and the router's default) message limit
 BIG_PROMPTS = 20

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router.liveness import DEFAULT_TIMEOUTS
-from server.local_cluster import LocalCluster
 from tests.conftest import SMOLLM2_MAX_NUM_SEQS, failed_ranks
+from tools.local_cluster import LocalCluster
 
 CONTEXT = 2048
 _prompts = 0

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import LONG_TOKENS, ROOT, wait_for_idle_engines
+from tools.local_cluster import LocalCluster
 
 # Far below the ~30 s the engine needs for the 15,000 tokens, so the abort is
 # early. Measured: 0.00-0.16 s (12 aborts, 3 runs, load average 7-12 on 2

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dprouter.cli import parse_args, sampling_params
-from server.local_cluster import LocalCluster, free_port
 from tests.conftest import ROOT
+from tools.local_cluster import LocalCluster, free_port
 
 # The console script that installing the package (`make setup`) makes.
 SCRIPT = Path(sys.executable).parent / "dprouter"

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dprouter import Client
 from dprouter.aio import AsyncClient
 from dprouter.v1 import generate_pb2
-from server.local_cluster import LocalCluster
 from tests.conftest import ROOT
+from tools.local_cluster import LocalCluster
 
 PROMPT = "The capital of France is"
 # What every example asks for: 8 greedy tokens, past EOS.

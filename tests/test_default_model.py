@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import LocalCluster
+from tools.local_cluster import LocalCluster
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -25,10 +25,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import LONG_TOKENS, OtlpReceiver, failed_ranks, otlp_env, tiny_spec
 from tests.test_routing import keys_homed_on, request, route_of, routed, routed_and_served
 from tests.test_tracing import ERROR, attributes, wait_for_attempts, wait_for_span
+from tools.local_cluster import LocalCluster
 
 DETECTION_BOUND_S = 5.0
 CUT_BOUND_S = DETECTION_BOUND_S + 5

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import LocalCluster
+from tools.local_cluster import LocalCluster
 
 GENERATE = "/dprouter.v1.GenerateService/Generate"
 # A malformed request is answered at once; most valid ones run a few tokens,

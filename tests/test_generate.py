@@ -15,9 +15,9 @@ from transformers import AutoTokenizer
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router.vllm_compat import ONE_PROCESS_ENGINE_ENV, ONE_PROCESS_ENGINE_FLAGS
-from server.local_cluster import LocalCluster
 from tests.conftest import ROOT, TINY_MAX_MODEL_LEN, TINY_MODEL
 from tests.test_detokenizer import deltas, stepped_in
+from tools.local_cluster import LocalCluster
 
 PROMPTS = [
     "The capital of France is",

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.local_cluster import LocalCluster
+from tools.local_cluster import LocalCluster
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 GRPCURL = str(Path(__import__("sys").executable).parent / "grpcurl")

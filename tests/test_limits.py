@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import tiny_spec
 from tests.test_bad_input import GOOD, assert_still_serves, expect_invalid
+from tools.local_cluster import LocalCluster
 
 S = generate_pb2.SamplingParams
 R = generate_pb2.GenerateRequest

@@ -1,4 +1,4 @@
-"""Ctrl-C or SIGTERM on `python -m server.local_cluster` (what `make run`
+"""Ctrl-C or SIGTERM on `python -m tools.local_cluster` (what `make run`
 starts) stops every process it started, the engine processes included (none
 is orphaned), and it exits 0."""
 
@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from server.local_cluster import LocalCluster
 from tests.conftest import ROOT, tiny_spec
+from tools.local_cluster import LocalCluster
 
 SERVING_TIMEOUT_S = 180
 EXIT_TIMEOUT_S = 60
@@ -44,7 +44,7 @@ def test_a_stop_signal_leaves_no_engine_process_behind(
         # Its own process group, as a terminal's foreground job is: Ctrl-C
         # signals the group.
         cluster = subprocess.Popen(
-            [sys.executable, "-m", "server.local_cluster", "--model", spec.model,
+            [sys.executable, "-m", "tools.local_cluster", "--model", spec.model,
              "--ranks", "1", "--listen", spec.listen, "--rpc-port", str(spec.rpc_port),
              "--max-model-len", str(spec.max_model_len), "--timeout", str(SERVING_TIMEOUT_S)],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

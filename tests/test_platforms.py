@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.platforms import (
+from tools.platforms import (
     CPU_ENGINE_FLAGS,
     Platform,
     gpus_per_rank,

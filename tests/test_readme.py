@@ -23,7 +23,7 @@ def module_map() -> str:
 def source_files() -> set[str]:
     files = {
         path
-        for folder in ("router", "server", "bench")
+        for folder in ("router", "server", "tools", "bench")
         for path in (ROOT / folder).rglob("*.py")
         if path.name != "__init__.py" and "__pycache__" not in path.parts
     }

@@ -30,8 +30,8 @@ from router.config import TlsConfig, parse_args
 from router.dispatcher import Dispatcher
 from router.health import RouterHealth
 from router.metrics import Metrics
-from server.local_cluster import LocalCluster, free_port
 from tests.conftest import TINY_MODEL, tiny_spec
+from tools.local_cluster import LocalCluster, free_port
 
 FILE_TOKEN = "token-from-file"
 ENV_TOKENS = ("env-token-a", "env-token-b")

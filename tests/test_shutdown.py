@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from server.local_cluster import LocalCluster
 from tests.conftest import GRACE_PERIOD_S, LONG_TOKENS, tiny_spec
+from tools.local_cluster import LocalCluster
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Long enough to be running at SIGTERM even after a machine stall; short enough

@@ -39,7 +39,7 @@ smoke() {
   # What `make run` runs once set up, on the 1 B model: 2 ranks, the platform's
   # defaults (CUDA: the two share the GPU's memory), then the terminal client.
   local listen=127.0.0.1:50051 cli=("$PY" -m dprouter.cli)
-  "$PY" -m server.local_cluster --model "$MODEL" --ranks 2 --max-model-len 16384 \
+  "$PY" -m tools.local_cluster --model "$MODEL" --ranks 2 --max-model-len 16384 \
     --listen "$listen" --engine-flags="${SMOKE_FLAGS:-}" > "$RUN/smoke-cluster.log" 2>&1 &
   local cluster=$!
   # Until every rank serves: the second starts once the first does.
@@ -69,8 +69,8 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "vllm", vllm
       "transformers", transformers.__version__, "grpcio", grpc.__version__)'
   git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || true
   step "models"
-  "$PY" -m server.build_model tiny "$REPO/models/tiny-llama"
-  "$PY" -m server.build_model llama-1b "$MODEL"
+  "$PY" -m tools.build_model tiny "$REPO/models/tiny-llama"
+  "$PY" -m tools.build_model llama-1b "$MODEL"
   step "smoke: local cluster, CLI, long prefill"
   smoke > "$RUN/smoke.log" 2>&1 || echo "smoke failed: see smoke.log"
   grep -h "KV cache size" "$RUN/smoke-cluster.log" || true
@@ -123,13 +123,13 @@ case "${1:-}" in
     ;;
   all) all ;;
   smoke)
-    "$PY" -m server.build_model llama-1b "$MODEL" > /dev/null 2>&1
+    "$PY" -m tools.build_model llama-1b "$MODEL" > /dev/null 2>&1
     mkdir -p "$RUN" && smoke
     grep -h "KV cache size" "$RUN/smoke-cluster.log"
     ;;
   tests)
     shift
-    "$PY" -m server.build_model tiny "$REPO/models/tiny-llama" > /dev/null 2>&1
+    "$PY" -m tools.build_model tiny "$REPO/models/tiny-llama" > /dev/null 2>&1
     DPROUTER_TEST_ENGINE_FLAGS="$TEST_FLAGS" DPROUTER_TEST_LOGS="$RUN/test-logs" \
       "$PY" -m pytest -p no:cacheprovider -q "$@"
     ;;

@@ -5,7 +5,7 @@ to start the engines once. Each process gets its own process group, so
 stopping the cluster also stops the engine processes that vLLM spawns: no
 orphans after Ctrl-C.
 
-    python -m server.local_cluster --model models/smollm2-135m-instruct
+    python -m tools.local_cluster --model models/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.platforms import Platform, detect
+from router.topology import rank_port
+from tools.platforms import Platform, detect
 
 
 def free_port() -> int:
@@ -60,7 +61,7 @@ class ClusterSpec:
     listen: str = "127.0.0.1:50051"
     rpc_port: int = 13345
     max_model_len: int = 2048
-    # Engine flags after the platform's (server/platforms.py), which they override.
+    # Engine flags after the platform's (tools/platforms.py), which they override.
     engine_flags: list[str] = field(default_factory=list)
     platform: Platform = field(default_factory=detect)
     router_flags: list[str] = field(default_factory=list)
@@ -113,8 +114,9 @@ class ClusterSpec:
     def rank_flags(self, rank: int) -> list[str]:
         """A rank server's flags: with independent ranks, a data-parallel group
         of one on port rpc_port + rank; coupled, rank `rank` of -dp N."""
+        port = rank_port(self.rpc_port, rank)
         group = (
-            ["-dp", "1", "-dpr", "0", "--data-parallel-rpc-port", str(self.rpc_port + rank)]
+            ["-dp", "1", "-dpr", "0", "--data-parallel-rpc-port", str(port)]
             if self.topology == "independent"
             else ["-dp", str(self.ranks), "-dpr", str(rank),
                   "--data-parallel-rpc-port", str(self.rpc_port)]

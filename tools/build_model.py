@@ -12,7 +12,7 @@ No model hub is reachable on the development and CI machines, so both models are
 - ``llama-1b``: a random-weight 1 B Llama in bfloat16, for benchmarks on a GPU (bench/gpu/).
 
 The first two are saved in float32: bfloat16 produced garbage in vLLM on these CPUs.
-Usage: ``python -m server.build_model {tiny,smollm2,llama-1b} OUT_DIR`` (a no-op if already built).
+Usage: ``python -m tools.build_model {tiny,smollm2,llama-1b} OUT_DIR`` (a no-op if already built).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def build(name: str, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and build."""
     parser = argparse.ArgumentParser(
-        prog="python -m server.build_model", description="Build a test model offline."
+        prog="python -m tools.build_model", description="Build a test model offline."
     )
     parser.add_argument("model", choices=sorted(BUILDERS))
     parser.add_argument("out_dir", type=Path)
