@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2
 
 from dprouter.v1 import generate_pb2
 from router import admission, validation
-from router.engine_types import EngineDelta, Sampling
+from router.engine_types import EngineDelta, EngineRequest, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, Outcome, RankLoad, RankState
 from router.metrics import Metrics
@@ -33,7 +33,6 @@ from router.tracing import RequestTrace
 from router.vllm_compat import (
     EngineClientError,
     EngineDeadError,
-    EngineSamplingParams,
     engine_sampling_params,
 )
 
@@ -48,7 +47,7 @@ class Job:
     prompt_token_ids: list[int]
     session_key: str
     pinned: bool
-    params: EngineSamplingParams
+    params: object  # the engine's sampling parameters (`EngineRequest.params`)
     priority: int
     rank: int
     route_policy: str  # the policy that chose the rank, or "pin"
@@ -65,7 +64,7 @@ class _Admitted:
     checked: validation.CheckedRequest
     prompt_token_ids: list[int]
     sampling: Sampling
-    params: EngineSamplingParams
+    params: object  # the engine's sampling parameters (`EngineRequest.params`)
 
 
 log = logging.getLogger("dprouter")
@@ -432,14 +431,10 @@ class Dispatcher:
                 attempt = job.trace.attempt(
                     job.rank, engine_id, job.sampling, len(job.prompt_token_ids)
                 )
-                deltas = pool.generate(
-                    engine_id,
-                    job.prompt_token_ids,
-                    job.params,
-                    job.rank,
-                    job.priority,
-                    attempt.headers,
-                ).__aiter__()
+                request = EngineRequest(
+                    engine_id, job.prompt_token_ids, job.params, job.priority, attempt.headers
+                )
+                deltas = pool.generate(request, job.rank).__aiter__()
                 try:
                     while True:
                         streaming.in_engine = True
