@@ -9,7 +9,7 @@ import itertools
 import time
 
 from bench.workload import Request, Timing
-from router.engine_types import Sampling
+from router.engine_types import EngineRequest, Sampling
 from router.membership import in_daemon_thread
 from router.vllm_compat import (
     EngineClient,
@@ -29,7 +29,7 @@ class InProcess:
     async def send(self, request: Request) -> Timing:
         params = engine_sampling_params(Sampling.greedy(request.max_tokens))
         deltas = self._client.generate(
-            f"bench-{next(self._ids)}", request.prompt, params, None, 0, None
+            EngineRequest(f"bench-{next(self._ids)}", request.prompt, params), None
         )
         timing = Timing(time.perf_counter())
         async for delta in deltas:

@@ -27,7 +27,7 @@ from bench.report import percentile, table
 from dprouter.v1 import generate_pb2
 from router import tracing
 from router.dispatcher import Dispatcher
-from router.engine_types import Sampling
+from router.engine_types import EngineRequest, Sampling
 from router.ledger import Ledger, RankLoad, RankState
 from router.membership import in_daemon_thread
 from router.metrics import Metrics
@@ -158,7 +158,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
         cached = 0
         if system == VLLM_BALANCER:
             params = engine_sampling_params(Sampling.greedy(job.max_tokens))
-            deltas = client.generate(f"b{next(counter)}", job.prompt, params, None, 0, None)
+            deltas = client.generate(EngineRequest(f"b{next(counter)}", job.prompt, params), None)
         else:
             request = generate_pb2.GenerateRequest(
                 prompt_token_ids=job.prompt,

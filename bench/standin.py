@@ -18,12 +18,12 @@ import argparse
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from router.app import build_server, serve_port
 from router.config import parse_args
 from router.dispatcher import Dispatcher
-from router.engine_types import EngineDelta
+from router.engine_types import EngineDelta, EngineRequest
 from router.health import RouterHealth
 from router.ledger import EngineLoad, Ledger
 from router.metrics import Metrics
@@ -49,15 +49,9 @@ class StandInRank:
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode("".join(m["content"] for m in messages))
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
-    ) -> AsyncIterator[EngineDelta]:
+    async def generate(self, request: EngineRequest, rank: int) -> AsyncIterator[EngineDelta]:
+        params = request.params
+        assert isinstance(params, EngineSamplingParams)
         count = params.max_tokens or 1
         for i in range(count):
             await asyncio.sleep(0)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,18 +22,17 @@ from google.rpc import error_details_pb2
 
 from dprouter.v1 import generate_pb2
 from router import admission, validation
-from router.engine_types import EngineDelta, Sampling
+from router.engine_types import EngineDelta, EngineRequest, Sampling
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
-from router.ledger import Ledger, Outcome, RankLoad, RankState
+from router.ledger import Entry, Ledger, Outcome, RankLoad, RankState
 from router.metrics import Metrics
 from router.pace import Pace
 from router.policies import Candidate, Decision, Policy, RouteInput, load_score
 from router.ranks import RankNotJoined, RankPool
-from router.tracing import RequestTrace
+from router.tracing import Attempt, RequestTrace
 from router.vllm_compat import (
     EngineClientError,
     EngineDeadError,
-    EngineSamplingParams,
     engine_sampling_params,
 )
 
@@ -48,7 +47,7 @@ class Job:
     prompt_token_ids: list[int]
     session_key: str
     pinned: bool
-    params: EngineSamplingParams
+    params: object  # the engine's sampling parameters (`EngineRequest.params`)
     priority: int
     rank: int
     route_policy: str  # the policy that chose the rank, or "pin"
@@ -65,7 +64,7 @@ class _Admitted:
     checked: validation.CheckedRequest
     prompt_token_ids: list[int]
     sampling: Sampling
-    params: EngineSamplingParams
+    params: object  # the engine's sampling parameters (`EngineRequest.params`)
 
 
 log = logging.getLogger("dprouter")
@@ -106,6 +105,50 @@ class _Streaming:
 
 class RankFailed(Exception):
     """The job's rank was found dead or hung while the job ran there."""
+
+
+@dataclass
+class _Attempt:
+    """One run of a job on one rank: its engine stream, span and books."""
+
+    request: EngineRequest
+    streaming: _Streaming
+    entry: Entry | None  # the ledger's, where it counts the outputs
+    span: Attempt
+    deltas: AsyncIterator[EngineDelta]
+
+    async def next_delta(self) -> EngineDelta | None:
+        """The engine's next output; None at the end."""
+        self.streaming.in_engine = True
+        try:
+            return await self.deltas.__anext__()
+        except StopAsyncIteration:
+            return None
+        finally:
+            self.streaming.in_engine = False
+
+
+def _client_error(error: Exception, rank: int, delivered: int) -> RequestError:
+    """What the client is told of a job that failed."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, EngineDeadError | RankNotJoined | RankFailed):
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"rank {rank} failed after {delivered} tokens were delivered",
+            details=[
+                error_details_pb2.ErrorInfo(
+                    reason="RANK_FAILED",
+                    domain="dprouter",
+                    metadata={"rank": str(rank), "delivered_tokens": str(delivered)},
+                )
+            ],
+        )
+    if isinstance(error, EngineClientError | ValueError):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the engine: {error}")
+    return RequestError(
+        grpc.StatusCode.INTERNAL, f"engine failure: {type(error).__name__}: {error}"
+    )
 
 
 def _engine_id(request_id: str) -> str:
@@ -425,88 +468,46 @@ class Dispatcher:
         timer = self.metrics.stream(job.arrived)
         try:
             while True:
-                engine_id = job.engine_request_id
-                streaming = _Streaming(job, task)
-                self._streaming[engine_id] = streaming
-                entry = self.ledger.entry(engine_id)
-                attempt = job.trace.attempt(
-                    job.rank, engine_id, job.sampling, len(job.prompt_token_ids)
-                )
-                deltas = pool.generate(
-                    engine_id,
-                    job.prompt_token_ids,
-                    job.params,
-                    job.rank,
-                    job.priority,
-                    attempt.headers,
-                ).__aiter__()
+                attempt = self._attempt(job, pool, task)
                 try:
-                    while True:
-                        streaming.in_engine = True
-                        try:
-                            delta = await deltas.__anext__()
-                        except StopAsyncIteration:
-                            break
-                        finally:
-                            streaming.in_engine = False
-                        if entry is not None:
-                            self.ledger.output(entry, len(delta.token_ids))
-                        attempt.output(delta)
+                    while (delta := await attempt.next_delta()) is not None:
+                        if attempt.entry is not None:
+                            self.ledger.output(attempt.entry, len(delta.token_ids))
+                        attempt.span.output(delta)
                         timer.output(job.rank, delta)
                         if delta.finished:
                             outcome = Outcome.SERVED
                         delivered += len(delta.token_ids)
                         yield delta
-                        if streaming.ended is not None:  # found out while the client was sent this
-                            raise streaming.ended
+                        if (ended := attempt.streaming.ended) is not None:
+                            raise ended  # found out while the client was sent this
                     break
                 except asyncio.CancelledError as e:
-                    ended = streaming.ended
+                    ended = attempt.streaming.ended
                     if ended is None:
-                        attempt.fail(e)
+                        attempt.span.fail(e)
                         raise  # the client's cancel
                     task.uncancel()
-                    attempt.fail(ended)
+                    attempt.span.fail(ended)
                     if isinstance(ended, RequestError) or delivered or job.pinned:
                         raise ended from None
                     self._retry_elsewhere(job)
                 except (EngineDeadError, RankNotJoined) as e:
-                    attempt.fail(e)
+                    attempt.span.fail(e)
                     if delivered or job.pinned:
                         raise
                     self._retry_elsewhere(job)
                 except BaseException as e:
-                    attempt.fail(e)
+                    attempt.span.fail(e)
                     raise
                 finally:
-                    self._streaming.pop(engine_id, None)
-                    attempt.end()
-        except (EngineDeadError, RankNotJoined, RankFailed):
-            outcome = Outcome.FAILED
-            raise RequestError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"rank {job.rank} failed after {delivered} tokens were delivered",
-                details=[
-                    error_details_pb2.ErrorInfo(
-                        reason="RANK_FAILED",
-                        domain="dprouter",
-                        metadata={"rank": str(job.rank), "delivered_tokens": str(delivered)},
-                    )
-                ],
-            ) from None
-        except (EngineClientError, ValueError) as e:
-            outcome = Outcome.FAILED
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"rejected by the engine: {e}"
-            ) from e
-        except RequestError:
-            outcome = Outcome.FAILED
-            raise
+                    self._streaming.pop(attempt.request.request_id, None)
+                    attempt.span.end()
         except Exception as e:
             outcome = Outcome.FAILED
-            raise RequestError(
-                grpc.StatusCode.INTERNAL, f"engine failure: {type(e).__name__}: {e}"
-            ) from e
+            if (error := _client_error(e, job.rank, delivered)) is e:
+                raise
+            raise error from e
         finally:
             if expiry is not None:
                 expiry.cancel()
@@ -515,6 +516,17 @@ class Dispatcher:
                 # vLLM aborts a cancelled generate() itself; this also covers a
                 # consumer that stops iterating without cancelling.
                 await pool.abort(job.engine_request_id, job.rank)
+
+    def _attempt(self, job: Job, pool: RankPool, task: asyncio.Task[Any]) -> _Attempt:
+        """Starts the job on its rank as it stands now."""
+        engine_id = job.engine_request_id
+        streaming = self._streaming[engine_id] = _Streaming(job, task)
+        span = job.trace.attempt(job.rank, engine_id, job.sampling, len(job.prompt_token_ids))
+        request = EngineRequest(
+            engine_id, job.prompt_token_ids, job.params, job.priority, span.headers
+        )
+        deltas = pool.generate(request, job.rank).__aiter__()
+        return _Attempt(request, streaming, self.ledger.entry(engine_id), span, deltas)
 
     async def fail_rank(self, rank: int) -> int:
         """Ends the jobs on a rank found dead or hung; how many. vLLM is told

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -36,6 +37,19 @@ class Sampling:
             frequency_penalty=0.0, repetition_penalty=1.0, n=1, logprobs=None,
             ignore_eos=True, skip_special_tokens=True, detokenize=True,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request as an engine runs it, checked and tokenized by the router."""
+
+    request_id: str  # the engine's id, unique among the requests it holds
+    prompt_token_ids: list[int]
+    # vLLM's sampling parameters, made by `vllm_compat.engine_sampling_params`:
+    # opaque outside the vLLM boundary.
+    params: object
+    priority: int = 0  # lower first, on ranks that run vLLM's priority scheduling
+    trace_headers: Mapping[str, str] | None = None  # the W3C context vLLM's span joins
 
 
 @dataclass(frozen=True)

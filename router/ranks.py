@@ -16,13 +16,13 @@ data-parallel RPC. The router's own per-rank counts live in `ledger.py`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from router.engine_types import EngineDelta
+from router.engine_types import EngineDelta, EngineRequest
 from router.ledger import EngineLoad
 from router.validation import ModelLimits
-from router.vllm_compat import EngineClient, EngineSamplingParams
+from router.vllm_compat import EngineClient
 
 
 class RankPool(Protocol):
@@ -40,15 +40,7 @@ class RankPool(Protocol):
 
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
 
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
-    ) -> AsyncIterator[EngineDelta]:
+    def generate(self, request: EngineRequest, rank: int) -> AsyncIterator[EngineDelta]:
         """Streams the request on `rank`; cancelling the iteration aborts it."""
         ...
 
@@ -115,18 +107,8 @@ class CoupledRanks:
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._client.render_chat(messages)
 
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
-    ) -> AsyncIterator[EngineDelta]:
-        return self._client.generate(
-            request_id, prompt_token_ids, params, rank, priority, trace_headers
-        )
+    def generate(self, request: EngineRequest, rank: int) -> AsyncIterator[EngineDelta]:
+        return self._client.generate(request, rank)
 
     async def abort(self, request_id: str, rank: int) -> None:
         await self._client.abort(request_id)
@@ -197,17 +179,8 @@ class IndependentRanks:
     def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._any().render_chat(messages)
 
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
-    ) -> AsyncIterator[EngineDelta]:
-        client = self._client(rank)
-        return client.generate(request_id, prompt_token_ids, params, None, priority, trace_headers)
+    def generate(self, request: EngineRequest, rank: int) -> AsyncIterator[EngineDelta]:
+        return self._client(rank).generate(request, None)
 
     async def abort(self, request_id: str, rank: int) -> None:
         client = self._clients[rank]

@@ -219,32 +219,51 @@ class _Rpc:
                 await outcome.deltas.aclose()
             with contextlib.suppress(Exception, asyncio.CancelledError):  # a gone client
                 await outcome.headers_sent()
-            job = outcome.job
-            if job is not None:  # the rank that served it: a retry moves it after the headers
-                context.set_trailing_metadata(
-                    (*(context.trailing_metadata() or ()), *_route_metadata(job))
-                )
-            attributes = _span_attributes(outcome)
-            if job is None and client_request_id:  # refused before it was routed
-                attributes["gen_ai.request.id"] = client_request_id
-            trace.end(code, message, attributes)
-            self.dispatcher.metrics.finished(self.method, code.name)
+            self._record(context, trace, outcome, client_request_id, (code, message))
             log.log(
                 logging.ERROR if failure else logging.INFO,
                 "request finished",
                 exc_info=failure,
-                extra={
-                    "method": self.method,
-                    "request_id": job.request_id if job else client_request_id or None,
-                    "rank": job.rank if job else None,
-                    "route": f"{job.route_policy}/{job.route_reason}" if job else None,
-                    "status": code.name,
-                    "prompt_tokens": outcome.prompt_tokens,
-                    "completion_tokens": outcome.completion_tokens,
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                    **outcome.fields,
-                },
+                extra=self._log_fields(outcome, client_request_id, code, started),
             )
+
+    def _record(
+        self,
+        context: Context,
+        trace: RequestTrace,
+        outcome: _Outcome,
+        client_request_id: str,
+        status: tuple[grpc.StatusCode, str],
+    ) -> None:
+        """The finished RPC's route trailers, span and count."""
+        job = outcome.job
+        if job is not None:  # the rank that served it: a retry moves it after the headers
+            context.set_trailing_metadata(
+                (*(context.trailing_metadata() or ()), *_route_metadata(job))
+            )
+        attributes = _span_attributes(outcome)
+        if job is None and client_request_id:  # refused before it was routed
+            attributes["gen_ai.request.id"] = client_request_id
+        code, message = status
+        trace.end(code, message, attributes)
+        self.dispatcher.metrics.finished(self.method, code.name)
+
+    def _log_fields(
+        self, outcome: _Outcome, client_request_id: str, code: grpc.StatusCode, started: float
+    ) -> dict[str, object]:
+        """What the "request finished" log line says."""
+        job = outcome.job
+        return {
+            "method": self.method,
+            "request_id": job.request_id if job else client_request_id or None,
+            "rank": job.rank if job else None,
+            "route": f"{job.route_policy}/{job.route_reason}" if job else None,
+            "status": code.name,
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.completion_tokens,
+            "ms": round((time.perf_counter() - started) * 1000, 2),
+            **outcome.fields,
+        }
 
     def message(self, error: RequestError) -> str:
         return error.message(self.field_prefix)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 
-from router.engine_types import Sampling
+from router.engine_types import EngineRequest, Sampling
 from router.vllm_compat import (
     EngineClient,
     add_engine_args,
@@ -25,14 +25,9 @@ async def run(client: EngineClient, prompts: list[str], max_tokens: int) -> list
     outputs = []
     for i, prompt in enumerate(prompts):
         ids: list[int] = []
-        async for delta in client.generate(
-            f"direct-{i}",
-            client.encode(prompt),
-            engine_sampling_params(Sampling.greedy(max_tokens)),
-            0,
-            0,
-            None,
-        ):
+        params = engine_sampling_params(Sampling.greedy(max_tokens))
+        request = EngineRequest(f"direct-{i}", client.encode(prompt), params)
+        async for delta in client.generate(request, 0):
             ids.extend(delta.token_ids)
         outputs.append(ids)
     return outputs

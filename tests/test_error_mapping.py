@@ -5,7 +5,7 @@ ledger as failed; the request's priority reaches the rank. Unit level: a real
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -15,13 +15,13 @@ from bench.standin import BLOCK, StandInRank
 from dprouter.v1 import generate_pb2
 from router import tracing
 from router.dispatcher import Dispatcher
-from router.engine_types import EngineDelta
+from router.engine_types import EngineDelta, EngineRequest
 from router.errors import RequestError
 from router.ledger import Ledger
 from router.metrics import Metrics
 from router.policies import DEFAULT_LOAD_FACTOR, make_policy
 from router.ranks import RankNotJoined
-from router.vllm_compat import EngineClientError, EngineDeadError, EngineSamplingParams
+from router.vllm_compat import EngineClientError, EngineDeadError
 
 
 class ScriptedRank(StandInRank):
@@ -32,21 +32,10 @@ class ScriptedRank(StandInRank):
         self.error = error
         self.priorities: list[int] = []
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
-    ) -> AsyncIterator[EngineDelta]:
-        self.priorities.append(priority)
+    async def generate(self, request: EngineRequest, rank: int) -> AsyncIterator[EngineDelta]:
+        self.priorities.append(request.priority)
         if self.error is None:
-            deltas = super().generate(
-                request_id, prompt_token_ids, params, rank, priority, trace_headers
-            )
-            async for delta in deltas:
+            async for delta in super().generate(request, rank):
                 yield delta
             return
         yield EngineDelta(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import zmq
@@ -18,7 +18,7 @@ from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import PrometheusStatLogger
 from zmq.utils.monitor import parse_monitor_message
 
-from router.engine_types import EngineDelta, EngineTokenLogprob
+from router.engine_types import EngineDelta, EngineRequest, EngineTokenLogprob
 from router.pace import StepTimes
 from router.tracing import UNSAMPLED_HEADERS
 from router.vllm_compat.patches import (
@@ -26,7 +26,6 @@ from router.vllm_compat.patches import (
     prime_detokenizers_with_prompt_tail,
     watch_output_batches,
 )
-from router.vllm_compat.sampling import EngineSamplingParams
 from router.vllm_compat.tokens import longest_token_bytes
 
 __all__ = ["EngineClient", "EngineDeadError"]
@@ -151,27 +150,21 @@ class EngineClient:
         return ids
 
     async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: EngineSamplingParams,
-        rank: int | None,
-        priority: int,
-        trace_headers: Mapping[str, str] | None,
+        self, request: EngineRequest, rank: int | None
     ) -> AsyncIterator[EngineDelta]:
         """Streams the request's deltas; cancelling the iteration aborts it.
-        `rank` None leaves the choice to vLLM's own data-parallel balancer.
-        `priority` orders requests (lower first) on ranks that run vLLM's
-        priority scheduling; FCFS ranks ignore it."""
+        `rank` None leaves the choice to vLLM's own data-parallel balancer."""
+        params = request.params
+        assert isinstance(params, SamplingParams)  # made by engine_sampling_params
         # Already tokenized and checked by the router: hand the engine its own
         # input type, not a prompt for vLLM's renderer to process again.
-        prompt = tokens_input(prompt_token_ids)
+        prompt = tokens_input(request.prompt_token_ids)
         async for out in self._llm.generate(
             prompt,
             params,
-            request_id,
-            trace_headers=trace_headers,
-            priority=priority,
+            request.request_id,
+            trace_headers=request.trace_headers,
+            priority=request.priority,
             data_parallel_rank=rank,
         ):
             last = len(out.outputs) - 1
