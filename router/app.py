@@ -129,6 +129,7 @@ async def serve(config: RouterConfig) -> int:
     membership.start()
     joined = membership.first_join
     await asyncio.wait([joined, stopping], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+    grace = None  # for the calls in flight: none unless the router served
     if not joined.done():
         log.info("stopped before the ranks joined")
         code = 0
@@ -141,8 +142,8 @@ async def serve(config: RouterConfig) -> int:
         await stopping
         watchdog.cancel()
         await _drain(config, dispatcher, health)
-        code = 0
-    await server.stop(grace=1.0 if code == 0 and joined.done() else None)
+        code, grace = 0, 1.0
+    await server.stop(grace=grace)
     membership.close()
     vitals.close()
     if metrics_server is not None:
