@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from bench.workload import Request, Run, Timing
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
@@ -37,7 +38,23 @@ class Driver(Protocol):
     async def close(self) -> None: ...
 
 
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    """The `RetryInfo` delay of a RESOURCE_EXHAUSTED from dprouter."""
+    trailers: dict[str, bytes] = dict(error.trailing_metadata() or ())  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    info = error_details_pb2.RetryInfo()
+    for detail in status.details:
+        if detail.Unpack(info):
+            delay: float = info.retry_delay.ToTimedelta().total_seconds()
+            return delay
+    raise AssertionError(f"no RetryInfo in {error}")
+
+
 class DprouterGrpc:
+    """Told RESOURCE_EXHAUSTED (dprouter bounds what it queues), a request
+    waits the `RetryInfo` delay and is sent again, as a client of the router
+    should: its TTFT counts from the first send, and the refusals are counted."""
+
     def __init__(self, address: str, detokenize: bool = True) -> None:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = generate_pb2_grpc.GenerateServiceStub(self._channel)
@@ -54,9 +71,16 @@ class DprouterGrpc:
             ),
         )
         timing = Timing(time.perf_counter())
-        async for response in self._stub.Generate(message):
-            timing.add(time.perf_counter(), len(response.token_ids))
-        return timing
+        while True:
+            try:
+                async for response in self._stub.Generate(message):
+                    timing.add(time.perf_counter(), len(response.token_ids))
+                return timing
+            except grpc.aio.AioRpcError as e:
+                if e.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or timing.arrivals:
+                    raise
+                timing.refusals += 1
+                await asyncio.sleep(retry_delay(e))
 
     async def close(self) -> None:
         await self._channel.close(None)

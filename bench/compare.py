@@ -7,11 +7,13 @@ Per model, every system is started once (dprouter: rank servers + router;
 vLLM's HTTP and gRPC servers; the engine in-process in its load process)
 and they take turns on the same requests: each round draws fresh prompts per
 concurrency, and the order of the systems rotates between rounds, so a noisy
-neighbour hurts them alike. The load processes are pinned to one core (the
-notes: vLLM's worker takes core 0 and a load client that floats onto the
-front end's core starves it). Also measured: dprouter's overhead over the
-floor, 1 rank against 2, the streaming ceiling of one router process with an
-engine stand-in, and the routing decision cost. Writes
+neighbour hurts them alike. With --apart each system runs alone instead,
+started, measured and stopped before the next (the systems that drive its
+server with it): on a GPU, each engine gets vLLM's default memory share.
+The load processes are pinned to cores of their own (a load client that
+floats onto the front end's core starves it). Also measured: dprouter's
+overhead over the floor, 1 rank against 2, the streaming ceiling of one
+router process with an engine stand-in, and the routing decision cost. Writes
 bench/results/<date>.md and a PNG per model, and prints the markdown.
 """
 
@@ -26,19 +28,18 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO
 
 import grpc
 import psutil
 
 from bench import report, systems
+from bench.drive import PYTHON_LOAD, LoadGroup, LoadProcess, load_group
 from bench.report import Results
 from bench.routing import cost_table
-from bench.workload import Request, Run, Shape, requests
+from bench.workload import Shape, requests
 from tools.local_cluster import free_port, stop_group
 from tools.platforms import detect
 
@@ -47,114 +48,10 @@ MODELS = {
     "tiny": ROOT / "models" / "tiny-llama",
     "smollm2": ROOT / "models" / "smollm2-135m-instruct",
 }
-NETWORK_SYSTEMS: dict[str, Callable[[systems.Deployment], AbstractContextManager[systems.Running]]]
-NETWORK_SYSTEMS = {
-    "dprouter": systems.dprouter,
-    "vllm-grpc": systems.vllm_grpc,
-    "vllm-http": systems.vllm_http,
-}
-FLOOR = "inprocess"
-SCALED = "dprouter, 2 ranks"
-# dprouter again, driven by the Go load client (make build/go/load).
-GO_CLIENT = "dprouter (Go client)"
-GO_LOAD = ROOT / "build" / "go" / "load"
-# dprouter again, asked for token ids only (detokenize false): what vLLM's
-# gRPC server returns, so this row compares like with like.
-TOKEN_IDS = "dprouter (token ids)"
-PYTHON_LOAD = [sys.executable, "-m", "bench.load"]
+SYSTEMS, FLOOR, SCALED = systems.SYSTEMS, systems.FLOOR, systems.SCALED
 CEILING = "dprouter over a stand-in engine"
 # The load processes, each against a stand-in of its own.
 GENERATOR = "load generator"
-
-
-class LoadProcess:
-    """A `bench.load` process (or the Go client, which speaks its protocol):
-    one system's driver, run after run."""
-
-    def __init__(
-        self,
-        program: Sequence[str],
-        argv: Sequence[str],
-        log: Path,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        read, write = os.pipe()
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "wb") as out:
-            self._proc = subprocess.Popen(
-                [*program, "--results-fd", str(write), *argv],
-                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                pass_fds=(write,), env={**os.environ, **(env or {})}, start_new_session=True,
-            )  # fmt: skip
-        os.close(write)
-        self._results: IO[bytes] = os.fdopen(read, "rb")
-        if not self._results.readline():  # {"ready": true}, or EOF when it died
-            self.close()
-            raise systems.Unavailable(f"its load process failed to start (log: {log})")
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def send(self, batch: Sequence[Request], concurrency: int) -> None:
-        """Starts one closed-loop run; `receive` returns it."""
-        assert self._proc.stdin is not None
-        command = {
-            "concurrency": concurrency,
-            "requests": [[r.prompt, r.max_tokens] for r in batch],
-        }
-        self._proc.stdin.write(json.dumps(command).encode() + b"\n")
-        self._proc.stdin.flush()
-
-    def receive(self) -> Run:
-        line = self._results.readline()
-        if not line:
-            raise RuntimeError(f"load process {self._proc.args!r} died")
-        return Run.from_json(json.loads(line))
-
-    def close(self) -> None:
-        if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-        stop_group(self._proc, timeout=60)
-        self._results.close()
-
-
-class LoadGroup:
-    """One system's load, from one process per load core: each runs its share
-    of the streams and of the requests, all at once (one clock: the load
-    processes' perf_counter is the host's monotonic clock)."""
-
-    def __init__(self, processes: Sequence[LoadProcess]) -> None:
-        self.processes = list(processes)
-
-    @property
-    def pid(self) -> int:
-        return self.processes[0].pid
-
-    def run(self, batch: Sequence[Request], concurrency: int, front_end: int | None) -> Run:
-        """One closed-loop run; the front end's CPU time is read around it."""
-        process = psutil.Process(front_end) if front_end is not None else None
-        before = sum(process.cpu_times()[:2]) if process else 0.0
-        count = min(len(self.processes), concurrency)
-        shares = [(batch[i::count], concurrency // count + (i < concurrency % count))
-                  for i in range(count)]  # fmt: skip
-        for load, (part, streams) in zip(self.processes, shares, strict=False):
-            load.send(part, streams)
-        runs = [load.receive() for load in self.processes[:count]]
-        run = Run(
-            concurrency,
-            max(r.wall_s for r in runs),
-            [t for r in runs for t in r.timings],
-            errors=[e for r in runs for e in r.errors],
-        )
-        if process is not None:
-            run.front_end_cpu_s = sum(process.cpu_times()[:2]) - before
-        return run
-
-    def close(self) -> None:
-        for load in self.processes:
-            load.close()
 
 
 def vocab_size(model: Path) -> int:
@@ -225,130 +122,133 @@ class Bench:
             f"requests of this workload at once, {offline['tokens_per_s']:,.0f} tokens/s\n"
         )
 
-    def _load(self, system: str, running: systems.Running, model: Path) -> LoadGroup:
-        """The system's load processes, one pinned to each load core."""
-        name = system.replace(" ", "-")
-        if system == GO_CLIENT and not GO_LOAD.exists():
-            raise systems.Unavailable(f"{GO_LOAD} is not built (make build/go/load)")
-        group = LoadGroup([])
-        try:
-            for core in self.args.load_cores:
-                log = self.logs / f"load-{name}-{core}.log"
-                if system == GO_CLIENT:
-                    pin = ["taskset", "-c", str(core)]
-                    load = LoadProcess([*pin, str(GO_LOAD)], [running.target], log)
-                else:
-                    driver = "dprouter-ids" if system == TOKEN_IDS else system.split(",")[0]
-                    argv = [driver, running.target, "--model", str(model), "--pin", str(core)]
-                    load = LoadProcess(PYTHON_LOAD, argv, log)
-                group.processes.append(load)
-        except systems.Unavailable:
-            group.close()
-            raise
-        return group
+    def _load(self, system: systems.System, target: str, model: Path) -> LoadGroup:
+        deployment = self.deployment(model, self.args.ranks)
+        return load_group(system, target, model, self.args.load_cores, self.logs, deployment)
 
     @contextlib.contextmanager
-    def started(self, model: Path) -> Iterator[dict[str, tuple[LoadGroup, int | None]]]:
-        """Every system's load processes (and server), ready; the ones that
+    def started(
+        self, labels: Sequence[str], model: Path
+    ) -> Iterator[dict[str, tuple[LoadGroup, int | None]]]:
+        """These systems' load processes (and servers), ready; the ones that
         cannot run are left out with a note saying why. The servers start
         together: each waits minutes for its engine, mostly alone."""
-        args = self.args
-        wanted = [*args.systems, *([SCALED] if args.scaling else [])]
+        wanted = [SYSTEMS[label] for label in labels]
+        owners = [system for system in wanted if system.drives is None]
         with contextlib.ExitStack() as stack:
-            with ThreadPoolExecutor(len(wanted)) as pool:
-                starts = {system: pool.submit(self._start, system, model) for system in wanted}
-            started: dict[str, systems.Running | LoadGroup] = {}
-            failed: BaseException | None = None
-            for system, start in starts.items():
-                try:
-                    running, system_stack = start.result()
-                except systems.Unavailable as e:
-                    self.notes.append(f"{system} could not run here: {e}")
-                    print(self.notes[-1], flush=True)
-                    continue
-                except BaseException as e:  # the others started: stop them on the way out
-                    failed = failed or e
-                    continue
-                stack.enter_context(system_stack)
-                if running is not None:
-                    started[system] = running
-            if failed is not None:
-                raise failed
+            started = self._start_owners(owners, model, stack)
             loads: dict[str, tuple[LoadGroup, int | None]] = {}
             for system in wanted:
-                if isinstance(floor := started.get(system), LoadGroup):
-                    loads[system] = (floor, floor.pid)
+                if isinstance(floor := started.get(system.label), LoadGroup):
+                    loads[system.label] = (floor, floor.pid)
                     continue
-                # The Go client and token ids drive the dprouter started for "dprouter".
-                server = started.get("dprouter" if system in (GO_CLIENT, TOKEN_IDS) else system)
+                server = started.get(system.owner)
                 if not isinstance(server, systems.Running):
-                    if system in (GO_CLIENT, TOKEN_IDS):
-                        self.notes.append(f"{system} could not run here: dprouter is not running")
+                    if system.drives is not None:
+                        self._note(f"{system.label} could not run here: "
+                                   f"{system.drives} is not running")  # fmt: skip
                     continue
                 try:
-                    load = self._load(system, server, model)
+                    load = self._load(system, server.target, model)
                 except systems.Unavailable as e:
-                    self.notes.append(f"{system} could not run here: {e}")
+                    self._note(f"{system.label} could not run here: {e}")
                     continue
                 stack.callback(load.close)
-                loads[system] = (load, server.front_end_pid)
+                loads[system.label] = (load, server.front_end_pid)
             yield loads
 
+    def _note(self, note: str) -> None:
+        self.notes.append(note)
+        print(note, flush=True)
+
+    def _start_owners(
+        self, owners: Sequence[systems.System], model: Path, stack: contextlib.ExitStack
+    ) -> dict[str, systems.Running | LoadGroup]:
+        """The servers (the floor: its load process) of these systems, started
+        at once; each one's stop is left on `stack`."""
+        with ThreadPoolExecutor(max(len(owners), 1)) as pool:
+            starts = {system.label: pool.submit(self._start, system, model) for system in owners}
+        started: dict[str, systems.Running | LoadGroup] = {}
+        failed: BaseException | None = None
+        for label, start in starts.items():
+            try:
+                running, system_stack = start.result()
+            except systems.Unavailable as e:
+                self._note(f"{label} could not run here: {e}")
+                continue
+            except BaseException as e:  # the others started: stop them on the way out
+                failed = failed or e
+                continue
+            stack.enter_context(system_stack)
+            started[label] = running
+        if failed is not None:
+            stack.close()
+            raise failed
+        return started
+
     def _start(
-        self, system: str, model: Path
-    ) -> tuple[systems.Running | LoadGroup | None, contextlib.ExitStack]:
+        self, system: systems.System, model: Path
+    ) -> tuple[systems.Running | LoadGroup, contextlib.ExitStack]:
         """Starts the system's server (the floor: its load process, which
-        holds the engine); None for those that drive another system's."""
+        holds the engine), or finds it at the address given."""
         args = self.args
-        external = {"dprouter": args.dprouter_address, "vllm-grpc": args.vllm_grpc_address,
-                    "vllm-http": args.vllm_http_url}  # fmt: skip
-        deployment = self.deployment(model, args.ranks)
         stack = contextlib.ExitStack()
-        print(f"starting {system} ({model.name})", flush=True)
+        print(f"starting {system.label} ({model.name})", flush=True)
         try:
-            if system == FLOOR:
-                floor = LoadGroup([LoadProcess(
-                    PYTHON_LOAD, [FLOOR, "-", "--", *deployment.engine_flags()],
-                    self.logs / "load-inprocess.log", deployment.engine_env(),
-                )])  # fmt: skip
+            if system.start is None:  # the floor
+                floor = self._load(system, "-", model)
                 stack.callback(floor.close)
                 return floor, stack
-            if system in (GO_CLIENT, TOKEN_IDS):
-                return None, stack
-            if system == SCALED:
-                return stack.enter_context(systems.dprouter(self.deployment(model, 2))), stack
-            if external.get(system):
-                return systems.Running(external[system], None), stack
-            return stack.enter_context(NETWORK_SYSTEMS[system](deployment)), stack
+            if system.address_option and (address := getattr(args, system.address_option)):
+                return systems.Running(address, None), stack
+            deployment = self.deployment(model, system.ranks or args.ranks)
+            return stack.enter_context(system.start(deployment)), stack
         except BaseException:
             stack.close()
             raise
 
+    def groups(self) -> list[list[str]]:
+        """The systems that run at once: all of them, or (--apart) each with
+        the systems that drive its server."""
+        args = self.args
+        wanted = [*args.systems, *([SCALED] if args.scaling else [])]
+        if not args.apart:
+            return [wanted]
+        owners = dict.fromkeys(SYSTEMS[label].owner for label in wanted)
+        return [[label for label in wanted if SYSTEMS[label].owner == owner] for owner in owners]
+
     def compare(self, model: Path) -> Results:
+        results: Results = {}
+        for group in self.groups():
+            with self.started(group, model) as loads:
+                self._measure(loads, model, results)
+        return results
+
+    def _measure(
+        self, loads: dict[str, tuple[LoadGroup, int | None]], model: Path, results: Results
+    ) -> None:
+        """Every round of every concurrency on these systems, in turns."""
         args = self.args
         shape = Shape(tuple(args.prompt_tokens), tuple(args.output_tokens))
-        results: Results = {}
-        with self.started(model) as loads:
-            names = list(loads)
-            for name, (load, pid) in loads.items():  # warm up every path once
-                load.run(requests(-1, 8, vocab_size(model), shape), 4, pid)
-                results[name] = {}
-            for round_ in range(args.rounds):
-                for concurrency in args.concurrency:
-                    count = self.requests_per_run(concurrency)
-                    seed = args.seed * 10_000 + round_ * 1000 + concurrency
-                    batch = requests(seed, count, vocab_size(model), shape)
-                    turn = names[round_ % len(names) :] + names[: round_ % len(names)]
-                    for name in turn:
-                        load, pid = loads[name]
-                        run = load.run(batch, concurrency, pid)
-                        results[name].setdefault(concurrency, []).append(run)
-                        tokens = sum(t.output_tokens for t in run.timings)
-                        first_error = f" ({run.errors[0]})" if run.errors else ""
-                        print(f"{model.name} round {round_ + 1} c={concurrency} {name}: "
-                              f"{tokens / run.wall_s:,.0f} tok/s, {len(run.errors)} errors"
-                              f"{first_error}, load {load_average()}", flush=True)  # fmt: skip
-        return results
+        names = list(loads)
+        for name, (load, pid) in loads.items():  # warm up every path once
+            load.run(requests(-1, 8, vocab_size(model), shape), 4, pid)
+            results[name] = {}
+        for round_ in range(args.rounds):
+            for concurrency in args.concurrency:
+                count = self.requests_per_run(concurrency)
+                seed = args.seed * 10_000 + round_ * 1000 + concurrency
+                batch = requests(seed, count, vocab_size(model), shape)
+                turn = names[round_ % len(names) :] + names[: round_ % len(names)]
+                for name in turn:
+                    load, pid = loads[name]
+                    run = load.run(batch, concurrency, pid)
+                    results[name].setdefault(concurrency, []).append(run)
+                    tokens = sum(t.output_tokens for t in run.timings)
+                    first_error = f" ({run.errors[0]})" if run.errors else ""
+                    print(f"{model.name} round {round_ + 1} c={concurrency} {name}: "
+                          f"{tokens / run.wall_s:,.0f} tok/s, {len(run.errors)} errors"
+                          f"{first_error}, load {load_average()}", flush=True)  # fmt: skip
 
     @contextlib.contextmanager
     def _standin(self, index: int) -> Iterator[systems.Running]:
@@ -374,7 +274,7 @@ class Bench:
         results: Results = {}
         with contextlib.ExitStack() as stack:
             standins = [stack.enter_context(self._standin(i)) for i in range(len(args.load_cores))]
-            one = self._load("dprouter", standins[0], MODELS["tiny"])
+            one = self._load(SYSTEMS["dprouter"], standins[0].target, MODELS["tiny"])
             stack.callback(one.close)
             rows: list[tuple[str, LoadGroup, int | None, tuple[int, ...]]] = [
                 (CEILING, one, standins[0].front_end_pid, (1, top))
@@ -403,8 +303,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models", nargs="+", default=list(MODELS), help=f"{', '.join(MODELS)} or a model's folder"
     )
-    every = [*NETWORK_SYSTEMS, TOKEN_IDS, GO_CLIENT, FLOOR]
+    every = [label for label in SYSTEMS if label != SCALED]
     parser.add_argument("--systems", nargs="+", default=every, choices=every)
+    parser.add_argument("--apart", action="store_true",
+                        help="start, measure and stop one system at a time (with those that "
+                             "drive its server): each has the machine to itself, a GPU at "
+                             "vLLM's default memory share")  # fmt: skip
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests-per-stream", type=int, default=4,
@@ -506,7 +410,8 @@ def header(args: argparse.Namespace, started: datetime.datetime, notes: list[str
         f"- workload: prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} random token ids, "
         f"{args.output_tokens[0]}-{args.output_tokens[1]} greedy output tokens (EOS ignored), "
         f"seed {args.seed}; per run max({args.min_requests}, {args.requests_per_stream} x "
-        f"concurrency) requests in a closed loop; {args.rounds} round(s), systems in turns",
+        f"concurrency) requests in a closed loop; {args.rounds} round(s), "
+        f"{'each system alone' if args.apart else 'systems in turns'}",
         "- ratios in brackets: the value over dprouter's at the same concurrency; "
         "front-end CPU: the router process, vLLM's server process, or (inprocess) "
         "the whole load process, engine client and load alike",

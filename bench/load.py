@@ -6,7 +6,7 @@
 Reads one command a line on stdin, `{"concurrency": C, "requests": [[prompt,
 max_tokens], ...]}`, runs it in a closed loop and writes the `Run` as one
 JSON line to --results-fd (vLLM logs to stdout). A separate process, so the
-load can be pinned to a core apart from the front end it measures (the notes:
+load can be pinned to a core apart from the front end it measures (seen here:
 a load client that floats onto the front end's core starves it), and so the
 in-process floor can hold its engine for the whole benchmark.
 """

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
+from bench.clients import retry_delay
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from tools.local_cluster import ClusterSpec, LocalCluster, free_port, free_ports
 
@@ -70,17 +70,6 @@ class Phase:
     @property
     def goodput(self) -> float:
         return sum(tokens for _, tokens in self.completed) / self.wall_s
-
-
-def retry_delay(error: grpc.aio.AioRpcError) -> float:
-    trailers: dict[str, bytes] = dict(error.trailing_metadata() or ())  # type: ignore[arg-type]
-    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
-    info = error_details_pb2.RetryInfo()
-    for detail in status.details:
-        if detail.Unpack(info):
-            delay: float = info.retry_delay.ToTimedelta().total_seconds()
-            return delay
-    raise AssertionError(f"no RetryInfo in {error}")
 
 
 async def client(

@@ -36,6 +36,7 @@ class Cell:
     cpu_us_per_token: float | None
     requests: int
     errors: int
+    refusals: int  # retried after their RetryInfo delay
 
     @classmethod
     def of(cls, runs: Sequence[Run]) -> Cell:
@@ -58,6 +59,7 @@ class Cell:
             ),
             requests=len(timings),
             errors=sum(len(run.errors) for run in runs),
+            refusals=sum(t.refusals for run in runs for t in run.timings),
         )
 
 
@@ -90,6 +92,12 @@ def _below(value: float, target: float) -> str:
     return "n/a" if math.isnan(value) else "yes" if value < target else "no"
 
 
+def _requests(cell: Cell) -> str:
+    notes = [f"{cell.errors} failed"] if cell.errors else []
+    notes += [f"{cell.refusals} refusals retried"] if cell.refusals else []
+    return f"{cell.requests}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def systems_table(results: Results) -> str:
     """Per system and concurrency; in brackets, the value over dprouter's."""
     cells = {s: {c: Cell.of(runs) for c, runs in by_c.items()} for s, by_c in results.items()}
@@ -113,7 +121,7 @@ def systems_table(results: Results) -> str:
                 _number(cell.itl_ms[1], 2),
                 _with_ratio(cell.itl_ms[2], ref.itl_ms[2] if ref else None, 2),
                 _with_ratio(cell.cpu_us_per_token, ref.cpu_us_per_token if ref else None, 0),
-                f"{cell.requests}" + (f" ({cell.errors} failed)" if cell.errors else ""),
+                _requests(cell),
             ])  # fmt: skip
     return table(
         ["system", "concurrency", "output tok/s", "tok/s range", "req/s", "TTFT p50 ms",

