@@ -181,8 +181,7 @@ class Bench:
                 continue
             stack.enter_context(system_stack)
             started[label] = running
-        if failed is not None:
-            stack.close()
+        if failed is not None:  # the caller's stack stops those that started
             raise failed
         return started
 
@@ -195,7 +194,7 @@ class Bench:
         stack = contextlib.ExitStack()
         print(f"starting {system.label} ({model.name})", flush=True)
         try:
-            if system.start is None:  # the floor
+            if system.start is None:  # an owner with no server: it holds the engine
                 floor = self._load(system, "-", model)
                 stack.callback(floor.close)
                 return floor, stack

@@ -125,7 +125,7 @@ def load_group(
     """The system's load: for the floor one process that holds the engine
     (`engine`), else one process pinned to each of `cores`."""
     name = system.label.replace(" ", "-")
-    if system.label == systems.FLOOR:
+    if system.holds_engine:
         argv = [system.driver, "-", "--", *engine.engine_flags()]
         return LoadGroup([LoadProcess(PYTHON_LOAD, argv, logs / f"load-{name}.log",
                                       engine.engine_env())])  # fmt: skip

@@ -200,6 +200,11 @@ class System:
     address_option: str | None = None  # the option that names a running one instead
 
     @property
+    def holds_engine(self) -> bool:
+        """The in-process floor: its load process holds the engine."""
+        return self.start is None and self.drives is None
+
+    @property
     def owner(self) -> str:
         """The system whose server (or engine) this one's load reaches."""
         return self.drives or self.label
