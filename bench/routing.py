@@ -25,13 +25,14 @@ from pathlib import Path
 
 from bench.report import percentile, table
 from dprouter.v1 import generate_pb2
-from router import tracing
+from router import intake, tracing
 from router.dispatcher import Dispatcher
 from router.engine_types import EngineRequest, Sampling
+from router.fleet import build as build_fleet
 from router.ledger import Ledger, RankLoad, RankState
 from router.membership import in_daemon_thread
 from router.metrics import Metrics
-from router.policies import DEFAULT_LOAD_FACTOR, POLICIES, RouteInput, make_policy
+from router.policies import POLICIES, RouteInput, make_policy
 from router.ranks import CoupledRanks
 from router.vllm_compat import (
     EngineClient,
@@ -147,11 +148,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
     pool = CoupledRanks(client)
     dispatcher = Dispatcher(Metrics())
     if system != VLLM_BALANCER:
-        dispatcher.attach(
-            pool,
-            make_policy(system, 2, pool.block_size, DEFAULT_LOAD_FACTOR, pool.kv_blocks),
-            Ledger(2, pool.capacity),
-        )
+        dispatcher.attach(build_fleet(pool, Ledger(2, pool.capacity), system))
 
     async def submit(job: Job) -> Result:
         start = time.perf_counter()
@@ -168,7 +165,8 @@ def submitter(system: str, client: EngineClient) -> Submit:
                 ),
             )
             trace = tracing.start("bench", (), "bench")  # not recording: no provider
-            deltas = dispatcher.run(await dispatcher.prepare(request, (), trace), None)
+            admitted = await intake.admit(request, (), dispatcher.fleet())
+            deltas = dispatcher.run(dispatcher.prepare(admitted, trace, None), None)
         async for delta in deltas:
             cached = delta.cached_tokens
         return Result(job, time.perf_counter() - start, cached)

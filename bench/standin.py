@@ -24,10 +24,10 @@ from router.app import build_server, serve_port
 from router.config import parse_args
 from router.dispatcher import Dispatcher
 from router.engine_types import EngineDelta, EngineRequest
+from router.fleet import build as build_fleet
 from router.health import RouterHealth
 from router.ledger import EngineLoad, Ledger
 from router.metrics import Metrics
-from router.policies import make_policy
 from router.validation import ModelLimits
 from router.vllm_compat import EngineSamplingParams
 
@@ -89,13 +89,14 @@ class StandInRank:
 
 async def serve(listen: str, model: str) -> None:
     config = parse_args(["--model", model, "--listen", listen])
-    dispatcher = Dispatcher(Metrics(), config.limits)
+    dispatcher = Dispatcher(Metrics())
     pool = StandInRank()
     dispatcher.attach(
-        pool,
-        make_policy(config.routing_policy, 1, BLOCK, config.load_factor),
-        Ledger(1, pool.capacity),
-    )
+        build_fleet(
+            pool, Ledger(1, pool.capacity), config.routing_policy, config.load_factor,
+            allowed=config.limits,
+        )
+    )  # fmt: skip
     health = RouterHealth()
     server = build_server(dispatcher, health, config)
     serve_port(server, config)

@@ -25,11 +25,13 @@ from router import tracing
 from router.auth import BearerTokenInterceptor
 from router.config import RouterConfig, TlsConfig
 from router.dispatcher import Dispatcher
+from router.fleet import Fleet
 from router.health import RouterHealth
 from router.liveness import DEFAULT_TIMEOUTS
 from router.membership import Membership
 from router.metrics import Metrics
-from router.service import GenerateServicer, RanksServicer
+from router.ranks_service import RanksServicer
+from router.service import GenerateServicer
 from router.vitals import VitalsListener
 from router.vllm_compat import with_traces_endpoint
 from router.watchdog import Watchdog
@@ -113,7 +115,7 @@ async def serve(config: RouterConfig) -> int:
     """Runs the router until a signal; the process exit code."""
     config = _with_tracing(config)
     metrics = Metrics()
-    dispatcher = Dispatcher(metrics, config.limits, config.max_queue_per_rank, config.max_in_flight)
+    dispatcher = Dispatcher(metrics)
     metrics.watch(dispatcher.loads)
     metrics_server = _serve_metrics(metrics, config)
     health = RouterHealth()
@@ -137,11 +139,14 @@ async def serve(config: RouterConfig) -> int:
         log.error("the ranks could not join", exc_info=error)
         code = 1
     else:
-        await health.update(dispatcher.loads())
-        watchdog = asyncio.ensure_future(_watchdog(config, dispatcher, vitals, health, membership))
+        fleet = joined.result()
+        await health.update(fleet.loads())
+        watchdog = asyncio.ensure_future(
+            _watchdog(config, fleet, dispatcher, vitals, health, membership)
+        )
         await stopping
         watchdog.cancel()
-        await _drain(config, dispatcher, health)
+        await _drain(config, fleet, dispatcher, health)
         code, grace = 0, 1.0
     await server.stop(grace=grace)
     membership.close()
@@ -208,16 +213,18 @@ def _vitals_listener(config: RouterConfig) -> VitalsListener:
 
 async def _watchdog(
     config: RouterConfig,
+    fleet: Fleet,
     dispatcher: Dispatcher,
     vitals: VitalsListener,
     health: RouterHealth,
     membership: Membership,
 ) -> None:
     async def health_changed() -> None:
-        await health.update(dispatcher.loads())
+        await health.update(fleet.loads())
 
     await Watchdog(
-        dispatcher,
+        fleet,
+        dispatcher.fail_rank,
         vitals,
         health_changed,
         membership.replace,
@@ -225,12 +232,14 @@ async def _watchdog(
     ).run()
 
 
-async def _drain(config: RouterConfig, dispatcher: Dispatcher, health: RouterHealth) -> None:
+async def _drain(
+    config: RouterConfig, fleet: Fleet, dispatcher: Dispatcher, health: RouterHealth
+) -> None:
     """After a signal: no new requests, and the grace period for those in flight."""
     log.info("draining", extra={"grace_period_s": config.grace_period})
     await health.shutting_down()
     for rank in range(config.data_parallel_size):
-        dispatcher.ledger.set_drained(rank, True)
+        fleet.ledger.set_drained(rank, True)
     if not await dispatcher.drain(config.grace_period):
         ended = dispatcher.end_all()
         log.warning("grace period over; ended the remaining requests", extra={"requests": ended})

@@ -26,9 +26,10 @@ from typing import TypeVar
 
 from router.config import RouterConfig
 from router.dispatcher import Dispatcher
+from router.fleet import Fleet
+from router.fleet import build as build_fleet
 from router.health import RouterHealth
 from router.ledger import Ledger
-from router.policies import make_policy
 from router.ranks import CoupledRanks, IndependentRanks, RankPool
 from router.topology import rank_port
 from router.vllm_compat import EngineClient, rank_group_args
@@ -81,7 +82,8 @@ class Membership:
         self._joining: dict[int, asyncio.Future[EngineClient]] = {}
         self._updates: set[asyncio.Future[None]] = set()
         self._closed = False  # a join retried after `close` does not start
-        self.first_join: asyncio.Future[RankPool] = asyncio.get_running_loop().create_future()
+        self._fleet: Fleet | None = None  # once the first rank joined
+        self.first_join: asyncio.Future[Fleet] = asyncio.get_running_loop().create_future()
 
     @property
     def independent(self) -> bool:
@@ -106,17 +108,16 @@ class Membership:
         self._attach(pool, Ledger(self._ranks, pool.capacity))
         _freeze_heap()
 
-    def _attach(self, pool: RankPool, ledger: Ledger) -> None:
-        policy = make_policy(
-            self._config.routing_policy,
-            self._ranks,
-            pool.block_size,
-            self._config.load_factor,
-            pool.kv_blocks,
-        )
-        self._dispatcher.attach(pool, policy, ledger)
-        log.info("serving", extra={"ranks": self._ranks, "routing_policy": policy.name})
-        self.first_join.set_result(pool)
+    def _attach(self, pool: RankPool, ledger: Ledger) -> Fleet:
+        config = self._config
+        fleet = self._fleet = build_fleet(
+            pool, ledger, config.routing_policy, config.load_factor,
+            config.max_queue_per_rank, config.max_in_flight, config.limits,
+        )  # fmt: skip
+        self._dispatcher.attach(fleet)
+        log.info("serving", extra={"ranks": self._ranks, "routing_policy": fleet.policy.name})
+        self.first_join.set_result(fleet)
+        return fleet
 
     def _join(self, rank: int) -> None:
         if rank in self._joining or self._closed:  # a retry and a replacement can meet
@@ -147,27 +148,26 @@ class Membership:
             asyncio.get_running_loop().call_later(JOIN_RETRY_S, self._join, rank)
             return
         client = joining.result()
-        pool = self._dispatcher.pool
-        if pool is None:
+        fleet = self._fleet
+        if fleet is None:
             pool = IndependentRanks(self._ranks, rank, client)
-            ledger = Ledger(self._ranks, pool.capacity, healthy=False)
-            ledger.set_healthy(rank, True)
-            self._attach(pool, ledger)
+            fleet = self._attach(pool, Ledger(self._ranks, pool.capacity, healthy=False))
         else:
-            assert isinstance(pool, IndependentRanks)
-            pool.join(rank, client)
-            self._dispatcher.ledger.set_healthy(rank, True)
+            self._independent_pool(fleet).join(rank, client)
+        fleet.ledger.set_healthy(rank, True)
         log.info("rank joined", extra={"rank": rank})
         _freeze_heap()
-        update = asyncio.ensure_future(self._health.update(self._dispatcher.loads()))
+        update = asyncio.ensure_future(self._health.update(fleet.loads()))
         self._updates.add(update)  # keep a reference until it is done
         update.add_done_callback(self._updates.discard)
 
     def replace(self, rank: int) -> bool:
         """Gives a failed independent rank a new engine client that waits for
         the rank server to join again; False where that cannot be done."""
-        pool = self._dispatcher.pool
-        if not isinstance(pool, IndependentRanks) or rank in self._joining:
+        if self._fleet is None or rank in self._joining:
+            return False
+        pool = self._fleet.pool
+        if not isinstance(pool, IndependentRanks):
             return False
         old = pool.leave(rank)
         if old is not None:
@@ -177,8 +177,15 @@ class Membership:
 
     def close(self) -> None:
         self._closed = True
-        if (pool := self._dispatcher.pool) is not None:
-            pool.close()
+        if self._fleet is not None:
+            self._fleet.pool.close()
+
+    @staticmethod
+    def _independent_pool(fleet: Fleet) -> IndependentRanks:
+        pool = fleet.pool
+        if not isinstance(pool, IndependentRanks):
+            raise TypeError("a rank joined alone, but the ranks are coupled")
+        return pool
 
 
 def _freeze_heap() -> None:

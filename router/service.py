@@ -1,4 +1,5 @@
-"""The gRPC servicers: decode, hand to the dispatcher, encode. No routing here.
+"""The Generate servicer: decode, admit (`intake.py`), hand to the
+dispatcher, encode. No routing here.
 
 Every Generate RPC runs inside `_Rpc.observed`, which starts the request's
 trace, ends it with the RPC's status, counts the RPC in the metrics and logs
@@ -14,20 +15,23 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from opentelemetry.util.types import AttributeValue
 
-from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from router import tracing
+from dprouter.v1 import generate_pb2, generate_pb2_grpc
+from router import intake, tracing
 from router.dispatcher import Dispatcher, Job
 from router.engine_types import EngineDelta, EngineTokenLogprob
 from router.errors import RequestError
-from router.health import RouterHealth
-from router.ledger import Outcome, RankLoad, RankState
+from router.ledger import Outcome
+from router.rpc import abort, metadata
 from router.tracing import RequestTrace
 from router.validation import RANK_METADATA_KEY
+
+if TYPE_CHECKING:
+    from router.rpc import Context
 
 log = logging.getLogger("dprouter.requests")
 # Response metadata: why the request went to its rank.
@@ -38,27 +42,14 @@ ROUTE_REASON_METADATA_KEY = "x-route-reason"
 TRACE_ID_METADATA_KEY = "x-trace-id"
 # A cancel this close to the deadline counts as the deadline passing.
 DEADLINE_SLACK_S = 0.1
-if TYPE_CHECKING:  # generic only in the type stubs
-    Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:
-    return tuple(context.invocation_metadata() or ())
-
-
-async def _abort(context: Context, error: RequestError, message: str) -> None:
-    """Ends the RPC with the error's status, message and rich details (and
-    the trailers already set: the trace id)."""
-    trailers = (*(context.trailing_metadata() or ()), *error.trailers(message))
-    await context.abort(error.code, message, trailing_metadata=trailers)
-
-
-def _check_headers(metadata: Sequence[tuple[str, str]]) -> None:
+def _check_headers(headers: Sequence[tuple[str, str]]) -> None:
     """gRPC fails a call whose headers hold anything but printable ASCII
     with INTERNAL on its own, after the handler has moved on, and then
     cancels the handler as a client's cancel would: the router would record
     CANCELLED. Refused here, it is a bug that the handler reports itself."""
-    for key, value in metadata:
+    for key, value in headers:
         if not (value.isascii() and value.isprintable()):
             raise ValueError(f"the {key} header is not printable ASCII: {value!r}")
 
@@ -76,11 +67,6 @@ _FINISH_REASONS: dict[str, generate_pb2.FinishReason.ValueType] = {
     "stop": generate_pb2.FINISH_REASON_STOP,
     "length": generate_pb2.FINISH_REASON_LENGTH,
     "abort": generate_pb2.FINISH_REASON_ABORT,
-}
-_RANK_STATES = {
-    RankState.SERVING: ranks_pb2.RANK_STATE_SERVING,
-    RankState.DRAINING: ranks_pb2.RANK_STATE_DRAINING,
-    RankState.UNHEALTHY: ranks_pb2.RANK_STATE_UNHEALTHY,
 }
 
 
@@ -184,7 +170,7 @@ class _Rpc:
         started = time.perf_counter()
         outcome = _Outcome()
         code, message = grpc.StatusCode.OK, ""
-        trace = tracing.start(self.method, _metadata(context), self.model)
+        trace = tracing.start(self.method, metadata(context), self.model)
         if trace.trace_id is not None:
             context.set_trailing_metadata(((TRACE_ID_METADATA_KEY, trace.trace_id),))
         failure: BaseException | None = None
@@ -280,19 +266,22 @@ class _Rpc:
         starts on the request (awaiting them first added a round trip through
         gRPC's completion queue to the time to first token); the caller
         awaits `outcome.headers_sent()` before its first response."""
-        job = outcome.job = await self.dispatcher.prepare(
-            request, _metadata(context), trace, context.time_remaining()
-        )
+        fleet = self.dispatcher.fleet()
+        with fleet.turns():  # a refused client is told its own time to come back
+            with trace.stage("validate"):
+                admitted = await intake.admit(request, metadata(context), fleet)
+            job = self.dispatcher.prepare(admitted, trace, context.time_remaining())
+        outcome.job = job
         outcome.prompt_tokens = len(job.prompt_token_ids)
-        metadata = [*_route_metadata(job), ("x-request-id", job.request_id)]
+        headers = [*_route_metadata(job), ("x-request-id", job.request_id)]
         if (trace_id := trace.trace_id) is not None:
-            metadata.append((TRACE_ID_METADATA_KEY, trace_id))
+            headers.append((TRACE_ID_METADATA_KEY, trace_id))
         try:
-            _check_headers(metadata)
+            _check_headers(headers)
         except ValueError:
             self.dispatcher.release(job, Outcome.FAILED)  # it will not run
             raise
-        outcome.headers = asyncio.ensure_future(context.send_initial_metadata(metadata))
+        outcome.headers = asyncio.ensure_future(context.send_initial_metadata(headers))
         outcome.deltas = self.dispatcher.run(job, context.time_remaining())
         return job, outcome.deltas
 
@@ -331,7 +320,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                         response.usage.CopyFrom(_usage(outcome))
                     yield response
         except RequestError as e:
-            await _abort(context, e, self._generate.message(e))
+            await abort(context, e, self._generate.message(e))
 
     async def Complete(
         self, request: generate_pb2.CompleteRequest, context: Context
@@ -363,87 +352,5 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                     request_id=job.request_id,
                 )
         except RequestError as e:
-            await _abort(context, e, self._complete.message(e))
+            await abort(context, e, self._complete.message(e))
             raise AssertionError("unreachable: abort raises") from e
-
-
-def _rank_status(load: RankLoad) -> ranks_pb2.RankStatus:
-    return ranks_pb2.RankStatus(
-        rank=load.rank,
-        state=_RANK_STATES[load.state],
-        in_flight=load.in_flight,
-        queued_prompt_tokens=load.queued_prompt_tokens,
-        waiting=load.waiting,
-        running=load.running,
-        kv_cache_usage=load.kv_cache_usage,
-        served=load.served,
-        failed=load.failed,
-        cancelled=load.cancelled,
-    )
-
-
-class RanksServicer(ranks_pb2_grpc.RanksServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, health: RouterHealth) -> None:
-        self._dispatcher = dispatcher
-        self._health = health
-
-    async def ListRanks(
-        self, request: ranks_pb2.ListRanksRequest, context: Context
-    ) -> ranks_pb2.ListRanksResponse:
-        return ranks_pb2.ListRanksResponse(
-            ranks=[_rank_status(load) for load in self._dispatcher.loads()]
-        )
-
-    async def _set_drained(self, rank: int, drained: bool, context: Context) -> RankLoad:
-        try:
-            load = self._dispatcher.set_drained(rank, drained)
-        except RequestError as e:
-            await _abort(context, e, e.message())
-            raise AssertionError("unreachable: abort raises") from e
-        await self._health.update(self._dispatcher.loads())
-        log.info("rank drained" if drained else "rank resumed", extra={"rank": rank})
-        return load
-
-    async def DrainRank(
-        self, request: ranks_pb2.DrainRankRequest, context: Context
-    ) -> ranks_pb2.DrainRankResponse:
-        load = await self._set_drained(request.rank, True, context)
-        return ranks_pb2.DrainRankResponse(status=_rank_status(load))
-
-    async def ResumeRank(
-        self, request: ranks_pb2.ResumeRankRequest, context: Context
-    ) -> ranks_pb2.ResumeRankResponse:
-        load = await self._set_drained(request.rank, False, context)
-        return ranks_pb2.ResumeRankResponse(status=_rank_status(load))
-
-    async def ExplainRoute(
-        self, request: ranks_pb2.ExplainRouteRequest, context: Context
-    ) -> ranks_pb2.ExplainRouteResponse:
-        try:
-            decision, prompt_tokens = await self._dispatcher.explain(
-                request.request, _metadata(context)
-            )
-        except RequestError as e:
-            await _abort(context, e, e.message("request."))
-            raise AssertionError("unreachable: abort raises") from e
-        assert decision.rank is not None  # else explain raised UNAVAILABLE
-        response = ranks_pb2.ExplainRouteResponse(
-            rank=decision.rank,
-            policy=decision.policy,
-            reason=decision.reason,
-            scores=[
-                ranks_pb2.RankScore(
-                    rank=c.rank,
-                    score=c.score,
-                    prefix_match_tokens=c.prefix_match_tokens,
-                    within_load_bound=c.within_load_bound,
-                )
-                for c in decision.candidates
-            ],
-            prefix_match_tokens=decision.prefix_match_tokens,
-            prompt_tokens=prompt_tokens,
-            affinity_hit=decision.affinity_hit,
-        )
-        if decision.affinity_rank is not None:
-            response.affinity_rank = decision.affinity_rank
-        return response

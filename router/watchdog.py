@@ -39,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
-from router.dispatcher import Dispatcher
+from router.fleet import Fleet
 from router.liveness import DEFAULT_TIMEOUTS, Evidence, Timeouts, Verdict, judge
 from router.vitals import VitalsListener
 
@@ -89,14 +89,16 @@ class _Seen:
 class Watchdog:
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        fleet: Fleet,
+        fail_rank: Callable[[Fleet, int], Awaitable[int]],
         vitals: VitalsListener,
         on_change: Callable[[], Awaitable[None]],
         replace: Callable[[int], bool],
         interval: float = PROBE_INTERVAL_S,
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
-        self.dispatcher = dispatcher
+        self.fleet = fleet
+        self._fail_rank = fail_rank  # ends its requests (`Dispatcher.fail_rank`)
         self.vitals = vitals
         self.replace = replace
         self.interval = interval
@@ -105,23 +107,23 @@ class Watchdog:
 
     async def run(self) -> None:
         """Watches every rank until cancelled."""
-        ranks = self.dispatcher.ledger.ranks
+        ranks = self.fleet.ledger.ranks
         await asyncio.gather(*(_RankWatch(self, rank).run() for rank in range(ranks)))
 
     async def fail(self, rank: int, verdict: Verdict, evidence: Evidence) -> None:
-        self.dispatcher.ledger.set_healthy(rank, False)
+        self.fleet.ledger.set_healthy(rank, False)
         log.warning(
             f"rank unhealthy: {verdict.condition.value}",
             extra={"rank": rank, "reason": verdict.reason, **_rounded(evidence)},
         )
-        failed = await self.dispatcher.fail_rank(rank)
+        failed = await self._fail_rank(self.fleet, rank)
         log.warning(
             "ended the requests on the failed rank", extra={"rank": rank, "requests": failed}
         )
         await self._on_change()
 
     async def readmit(self, rank: int, verdict: Verdict) -> None:
-        self.dispatcher.ledger.set_healthy(rank, True)
+        self.fleet.ledger.set_healthy(rank, True)
         log.info("rank healthy again", extra={"rank": rank, "reason": verdict.reason})
         await self._on_change()
 
@@ -138,7 +140,7 @@ class _RankWatch:
 
     def __init__(self, watchdog: Watchdog, rank: int) -> None:
         self._watchdog = watchdog
-        self._dispatcher = watchdog.dispatcher
+        self._fleet = watchdog.fleet
         self._rank = rank
         self._clock = _Clock()
         self._sign = _Seen()  # a probe's answer or an output
@@ -156,7 +158,7 @@ class _RankWatch:
         self._failed_at = 0.0
         self._failed_awake = 0.0
         self._replaced = False  # since it was last failed
-        self._was_healthy = self._dispatcher.ledger.healthy(rank)
+        self._was_healthy = self._fleet.ledger.healthy(rank)
 
     async def run(self) -> None:
         while True:
@@ -168,7 +170,7 @@ class _RankWatch:
     def _busy(self) -> bool:
         """Whether the rank has requests, in the router's count or as its
         engine last reported (counts left stale by aborted requests too)."""
-        load = self._dispatcher.loads()[self._rank]
+        load = self._fleet.loads()[self._rank]
         return bool(load.in_flight or load.waiting or load.running)
 
     async def _probe_once(self, step: bool) -> float | None:
@@ -178,8 +180,7 @@ class _RankWatch:
         a fresh report of its counts. Otherwise it gets a light call that does
         not run the model (see `EngineClient.probe`). A busy engine answers
         only after its current step, however long: the vitals cover that."""
-        pool = self._dispatcher.pool
-        assert pool is not None
+        pool = self._fleet.pool
         try:
             timeout = self._watchdog.timeouts.timeout_s
             await asyncio.wait_for(pool.probe(self._rank, step), timeout)
@@ -202,12 +203,11 @@ class _RankWatch:
 
     def _gather(self) -> Evidence:
         clock, rank = self._clock, self._rank
-        pool = self._dispatcher.pool
-        assert pool is not None
-        healthy = self._dispatcher.ledger.healthy(rank)
+        pool = self._fleet.pool
+        healthy = self._fleet.ledger.healthy(rank)
         if healthy and not self._was_healthy:  # it joined, or rejoined with a new client
             # Answers to the old client are no sign of the new one.
-            joined = self._dispatcher.ledger.healthy_since(rank)
+            joined = self._fleet.ledger.healthy_since(rank)
             if self._sign.at < joined:
                 self._sign, self._answered_sent = _Seen(), 0.0
             self._joined_awake = clock.awake - min(clock.now - joined, clock.step)
@@ -268,4 +268,4 @@ class _RankWatch:
                 "rank presumed dead; waiting for it to rejoin",
                 extra={"rank": rank, "reason": verdict.reason},
             )
-        self._was_healthy = self._dispatcher.ledger.healthy(rank)
+        self._was_healthy = self._fleet.ledger.healthy(rank)

@@ -11,15 +11,15 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from bench.standin import BLOCK, StandInRank
+from bench.standin import StandInRank
 from dprouter.v1 import generate_pb2
-from router import tracing
-from router.dispatcher import Dispatcher
+from router import intake, tracing
+from router.dispatcher import Dispatcher, Job
 from router.engine_types import EngineDelta, EngineRequest
 from router.errors import RequestError
+from router.fleet import build as build_fleet
 from router.ledger import Ledger
 from router.metrics import Metrics
-from router.policies import DEFAULT_LOAD_FACTOR, make_policy
 from router.ranks import RankNotJoined
 from router.vllm_compat import EngineClientError, EngineDeadError
 
@@ -47,10 +47,13 @@ class ScriptedRank(StandInRank):
 
 def dispatcher_over(pool: StandInRank) -> Dispatcher:
     dispatcher = Dispatcher(Metrics())
-    dispatcher.attach(
-        pool, make_policy("round_robin", 1, BLOCK, DEFAULT_LOAD_FACTOR), Ledger(1, pool.capacity)
-    )
+    dispatcher.attach(build_fleet(pool, Ledger(1, pool.capacity), "round_robin"))
     return dispatcher
+
+
+async def prepared(dispatcher: Dispatcher, request: generate_pb2.GenerateRequest) -> Job:
+    admitted = await intake.admit(request, (), dispatcher.fleet())
+    return dispatcher.prepare(admitted, tracing.start("test", (), "test"), None)
 
 
 ERRORS: list[tuple[Exception, grpc.StatusCode, str]] = [
@@ -72,7 +75,7 @@ async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
     request = generate_pb2.GenerateRequest(
         prompt="hello", sampling=generate_pb2.SamplingParams(max_tokens=8)
     )
-    job = await dispatcher.prepare(request, (), tracing.start("test", (), "test"))
+    job = await prepared(dispatcher, request)
     assert dispatcher.loads()[0].in_flight == 1
 
     deltas = []
@@ -102,6 +105,6 @@ async def test_the_request_priority_reaches_the_rank() -> None:
         request = generate_pb2.GenerateRequest(
             prompt="hello", priority=priority, sampling=generate_pb2.SamplingParams(max_tokens=2)
         )
-        job = await dispatcher.prepare(request, (), tracing.start("test", (), "test"))
+        job = await prepared(dispatcher, request)
         assert len([delta async for delta in dispatcher.run(job, None)]) == 2
     assert pool.priorities == [0, -3, 7]

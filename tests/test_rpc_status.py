@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any, cast
@@ -17,10 +17,14 @@ import grpc
 import pytest
 from prometheus_client import generate_latest
 
+from bench.standin import StandInRank
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
 from router.dispatcher import Dispatcher
 from router.engine_types import EngineDelta
-from router.ledger import Outcome
+from router.fleet import Fleet
+from router.fleet import build as build_fleet
+from router.intake import Admitted
+from router.ledger import Ledger, Outcome
 from router.metrics import Metrics
 from router.service import GenerateServicer
 from tests.test_metrics import parse, value
@@ -29,13 +33,15 @@ METHODS = ("Generate", "Complete")
 
 
 class FailingDispatcher:
-    """Prepares one job, or raises `error`; the job's stream yields one
-    finished delta, after `hold_s`."""
+    """Admits over a one-rank stand-in fleet, then prepares one job, or
+    raises `error`; the job's stream yields one finished delta, after `hold_s`."""
 
     def __init__(
         self, error: Exception | None = None, route_reason: str = "next_in_turn", hold_s: float = 0
     ) -> None:
         self.metrics = Metrics()
+        pool = StandInRank()
+        self._fleet = build_fleet(pool, Ledger(1, pool.capacity), "round_robin")
         self.error = error
         self.hold_s = hold_s
         self.released: list[Outcome] = []  # jobs released without running
@@ -47,13 +53,10 @@ class FailingDispatcher:
             prompt_token_ids=[1, 2],
         )
 
-    async def prepare(
-        self,
-        request: generate_pb2.GenerateRequest,
-        metadata: Sequence[tuple[str, str | bytes]],
-        trace: object,
-        deadline_s: float | None = None,
-    ) -> Any:
+    def fleet(self) -> Fleet:
+        return self._fleet
+
+    def prepare(self, admitted: Admitted, trace: object, deadline_s: float | None) -> Any:
         if self.error is not None:
             raise self.error
         return self.job
