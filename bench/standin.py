@@ -27,8 +27,8 @@ from router.engine_types import EngineDelta, EngineRequest
 from router.fleet import build as build_fleet
 from router.health import RouterHealth
 from router.ledger import EngineLoad, Ledger
+from router.limits import ModelLimits
 from router.metrics import Metrics
-from router.validation import ModelLimits
 from router.vllm_compat import EngineSamplingParams
 
 BLOCK = 128

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router.auth import TOKENS_ENV, load_tokens
+from router.limits import RequestLimits
 from router.liveness import DEFAULT_TIMEOUTS
 from router.policies import DEFAULT_LOAD_FACTOR, POLICIES
-from router.validation import RequestLimits
 from router.vllm_compat import add_engine_args, new_flexible_parser
 
 # gRPC's own default for the largest request it receives.

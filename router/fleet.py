@@ -15,6 +15,7 @@ import grpc
 from router import admission, validation
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, RankLoad, RankState
+from router.limits import NO_LIMITS, ModelLimits, RequestLimits, max_prompt_bytes
 from router.pace import Pace
 from router.policies import (
     DEFAULT_LOAD_FACTOR,
@@ -42,7 +43,7 @@ def build(
     load_factor: float = DEFAULT_LOAD_FACTOR,
     max_queue_per_rank: int | None = None,
     max_in_flight: int | None = None,
-    allowed: validation.RequestLimits = validation.NO_LIMITS,
+    allowed: RequestLimits = NO_LIMITS,
 ) -> Fleet:
     """The fleet of `pool`'s ranks, routed by the named policy. An unset
     per-rank queue is as long as a rank runs at once."""
@@ -61,7 +62,7 @@ class Fleet:
         ledger: Ledger,
         policy: Policy,
         limits: admission.QueueLimits,
-        allowed: validation.RequestLimits = validation.NO_LIMITS,
+        allowed: RequestLimits = NO_LIMITS,
     ) -> None:
         self.pool = pool
         self.ledger = ledger
@@ -74,12 +75,12 @@ class Fleet:
         self._returns = admission.Returns()  # when refused clients were told to retry
 
     @property
-    def limits(self) -> validation.ModelLimits:
+    def limits(self) -> ModelLimits:
         return self.pool.limits
 
     def prompt_bytes_bound(self) -> int | None:
         """The most bytes of prompt text the ranks' context could hold."""
-        return validation.max_prompt_bytes(self.pool.limits, self.allowed)
+        return max_prompt_bytes(self.pool.limits, self.allowed)
 
     def loads(self) -> list[RankLoad]:
         return self.ledger.loads(self.pool.engine_loads())

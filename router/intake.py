@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +18,7 @@ from router.engine_types import Sampling
 from router.errors import invalid_argument
 from router.fleet import Fleet
 from router.policies import RouteInput
+from router.sampling import engine_sampling
 from router.vllm_compat import EngineClientError, engine_sampling_params
 
 # Prompts longer than this are tokenized off the event loop (in the order
@@ -70,7 +71,7 @@ async def admit(
     ids = await _tokenize(checked.prompt, fleet)
     if not ids:
         raise invalid_argument(checked.prompt.field, "tokenizes to no tokens")
-    sampling = validation.engine_sampling(
+    sampling = engine_sampling(
         checked.sampling, checked.prompt.field, len(ids), limits, fleet.allowed
     )
     try:
@@ -93,10 +94,28 @@ async def admit(
     )
 
 
+def tokenize(
+    prompt: validation.Prompt,
+    encode: Callable[[str], list[int]],
+    render_chat: Callable[[list[dict[str, str]]], list[int]],
+) -> list[int]:
+    """The prompt as token ids; a chat template that rejects the messages is the
+    client's error."""
+    if prompt.token_ids is not None:
+        return prompt.token_ids
+    if prompt.text is not None:
+        return encode(prompt.text)
+    assert prompt.messages is not None
+    try:
+        return render_chat(prompt.messages)
+    except Exception as e:  # jinja2 raises its own types from templates
+        raise invalid_argument("messages", f"the chat template rejected them: {e}") from None
+
+
 async def _tokenize(prompt: validation.Prompt, fleet: Fleet) -> list[int]:
     pool = fleet.pool
     if prompt.token_ids is not None or _prompt_chars(prompt) <= INLINE_TOKENIZE_CHARS:
-        return validation.tokenize(prompt, pool.encode, pool.render_chat)
+        return tokenize(prompt, pool.encode, pool.render_chat)
     return await asyncio.get_running_loop().run_in_executor(
-        _tokenizer_thread, validation.tokenize, prompt, pool.encode, pool.render_chat
+        _tokenizer_thread, tokenize, prompt, pool.encode, pool.render_chat
     )

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from router.engine_types import EngineDelta, EngineRequest
 from router.ledger import EngineLoad
-from router.validation import ModelLimits
+from router.limits import ModelLimits
 from router.vllm_compat import EngineClient
 
 

@@ -9,11 +9,12 @@ import grpc
 import pytest
 
 from dprouter.v1 import generate_pb2
-from router import validation, wire
+from router import limits, validation, wire
 from router.errors import RequestError, invalid_argument
+from router.sampling import engine_sampling
 from router.wire import bad_field
 
-LIMITS = validation.ModelLimits(max_model_len=100, vocab_size=50, data_parallel_size=2)
+LIMITS = limits.ModelLimits(max_model_len=100, vocab_size=50, data_parallel_size=2)
 S = generate_pb2.SamplingParams
 
 
@@ -43,26 +44,26 @@ def test_request_ids_are_made_when_missing_and_kept_when_given() -> None:
 
 
 def test_default_max_tokens_shrinks_to_the_room_left() -> None:
-    sampling = validation.engine_sampling(S(), "prompt", 95, LIMITS)
+    sampling = engine_sampling(S(), "prompt", 95, LIMITS)
     assert sampling.max_tokens == 5
-    assert validation.engine_sampling(S(), "prompt", 10, LIMITS).max_tokens == 16
+    assert engine_sampling(S(), "prompt", 10, LIMITS).max_tokens == 16
     with pytest.raises(RequestError) as raised:
-        validation.engine_sampling(S(), "prompt", 100, LIMITS)
+        engine_sampling(S(), "prompt", 100, LIMITS)
     assert field_of(raised) == "prompt"
     with pytest.raises(RequestError) as raised:
-        validation.engine_sampling(S(max_tokens=6), "messages", 95, LIMITS)
+        engine_sampling(S(max_tokens=6), "messages", 95, LIMITS)
     assert field_of(raised) == "sampling.max_tokens"
 
 
 def test_sampling_defaults_follow_vllm() -> None:
-    sampling = validation.engine_sampling(S(), "prompt", 1, LIMITS)
+    sampling = engine_sampling(S(), "prompt", 1, LIMITS)
     assert (sampling.temperature, sampling.top_p, sampling.repetition_penalty, sampling.n) == (
         1.0, 1.0, 1.0, 1,
     )  # fmt: skip
     assert sampling.logprobs is None and sampling.seed is None and sampling.skip_special_tokens
     assert sampling.detokenize
-    assert not validation.engine_sampling(S(detokenize=False), "prompt", 1, LIMITS).detokenize
-    explicit = validation.engine_sampling(S(temperature=0, seed=0, logprobs=0), "prompt", 1, LIMITS)
+    assert not engine_sampling(S(detokenize=False), "prompt", 1, LIMITS).detokenize
+    explicit = engine_sampling(S(temperature=0, seed=0, logprobs=0), "prompt", 1, LIMITS)
     assert (explicit.temperature, explicit.seed, explicit.logprobs) == (0.0, 0, 0)
 
 
@@ -86,12 +87,12 @@ def test_sampling_checks(sampling: generate_pb2.SamplingParams, field: str) -> N
 
 
 def test_logprobs_bound_follows_the_engine() -> None:
-    few = validation.ModelLimits(100, 50, 2, max_logprobs=3)
+    few = limits.ModelLimits(100, 50, 2, max_logprobs=3)
     with pytest.raises(RequestError):
         validation.check_request(
             generate_pb2.GenerateRequest(prompt="a", sampling=S(logprobs=4)), (), few
         )
-    every = validation.ModelLimits(100, 50, 2, max_logprobs=-1)
+    every = limits.ModelLimits(100, 50, 2, max_logprobs=-1)
     request = generate_pb2.GenerateRequest(prompt="a", sampling=S(logprobs=50))
     assert validation.check_request(request, (), every).sampling.logprobs == 50
 
@@ -167,15 +168,15 @@ def test_other_strings_may_hold_any_text() -> None:
     assert validation.check_request(generate_pb2.GenerateRequest(prompt=odd), (), LIMITS)
 
 
-BYTES = validation.ModelLimits(100, 50, 2, max_token_bytes=5)  # 500 bytes of prompt at most
+BYTES = limits.ModelLimits(100, 50, 2, max_token_bytes=5)  # 500 bytes of prompt at most
 
 
 def test_prompt_text_is_bounded_by_bytes_before_tokenizing() -> None:
-    def check(allowed: validation.RequestLimits = validation.NO_LIMITS, **input: object) -> None:
+    def check(allowed: limits.RequestLimits = limits.NO_LIMITS, **input: object) -> None:
         request = generate_pb2.GenerateRequest(**input)  # type: ignore[arg-type]
         validation.check_request(request, (), BYTES, allowed)
 
-    assert validation.max_prompt_bytes(BYTES, validation.NO_LIMITS) == 500
+    assert limits.max_prompt_bytes(BYTES, limits.NO_LIMITS) == 500
     check(prompt="a" * 500)
     check(prompt="é" * 250)  # 2 bytes a character
     check(prompt="😀" * 125)  # 4
@@ -188,8 +189,8 @@ def test_prompt_text_is_bounded_by_bytes_before_tokenizing() -> None:
             "(500 bytes: this model's longest token is 5 bytes)"
         )
     # The router's own limit lowers the bound.
-    few = validation.RequestLimits(max_prompt_tokens=10)
-    assert validation.max_prompt_bytes(BYTES, few) == 50
+    few = limits.RequestLimits(max_prompt_tokens=10)
+    assert limits.max_prompt_bytes(BYTES, few) == 50
     check(few, prompt="a" * 50)
     with pytest.raises(RequestError) as raised:
         check(few, prompt="a" * 51)
@@ -211,7 +212,7 @@ def test_prompt_token_ids_are_counted_before_they_are_copied() -> None:
         validation.check_request(request, (), LIMITS)
     assert field_of(raised) == "prompt_token_ids"
     with pytest.raises(RequestError) as later:
-        validation.engine_sampling(S(), "prompt_token_ids", 100, LIMITS)
+        engine_sampling(S(), "prompt_token_ids", 100, LIMITS)
     assert (
         raised.value.problem
         == later.value.problem
@@ -219,7 +220,7 @@ def test_prompt_token_ids_are_counted_before_they_are_copied() -> None:
             "the prompt is 100 tokens; the model's context is 100, which leaves no room to generate"
         )
     )
-    few = validation.RequestLimits(max_prompt_tokens=10)
+    few = limits.RequestLimits(max_prompt_tokens=10)
     request = generate_pb2.GenerateRequest(prompt_token_ids=[10**6] * 11)
     with pytest.raises(RequestError) as raised:
         validation.check_request(request, (), LIMITS, few)
