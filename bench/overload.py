@@ -18,6 +18,9 @@ client's call was admitted: its response headers came), and
 goodput (output tokens per second of completed calls); overload's goodput
 as a share of capacity's (which also shows capacity that retry delays too
 long would leave idle).
+Then the floor of the opening burst's refusals: the same burst against a
+bare grpc.aio server that refuses every call at once (bench/refuser.py), on
+the same machine with the cluster still up.
 Appends the table to bench/results/<date>-overload.md.
 """
 
@@ -31,6 +34,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +121,31 @@ async def run_phase(address: str, name: str, clients: int, tokens: int, deadline
     return phase
 
 
+async def refusal_floor(calls: int) -> list[float]:
+    """Milliseconds to each refusal of `calls` sent at once to a bare
+    grpc.aio server that refuses them all (`bench.refuser`)."""
+    address = f"127.0.0.1:{free_port()}"
+    refuser = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.refuser", "--listen", address
+    )
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 60)
+            stub = generate_pb2_grpc.GenerateServiceStub(channel)
+            request = generate_pb2.GenerateRequest(prompt="Tell me a story about the sea.")
+
+            async def one() -> float:
+                sent = time.monotonic()
+                code = await stub.Generate(request).code()
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, code
+                return (time.monotonic() - sent) * 1000
+
+            return list(await asyncio.gather(*(one() for _ in range(calls))))
+    finally:
+        refuser.terminate()
+        await refuser.wait()
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -176,6 +205,17 @@ def table(phases: list[Phase], capacity: Phase) -> str:
     return "\n".join(rows)
 
 
+def _commit() -> str:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, cwd=ROOT,
+    ).stdout.strip()  # fmt: skip
+    return f"{commit} with uncommitted changes" if dirty else commit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=MODELS, default="smollm2")
@@ -204,28 +244,22 @@ def main() -> None:
         overload = asyncio.run(
             run_phase(spec.listen, "3x overload", 3 * bound, args.tokens, args.deadline)
         )
+        floor = asyncio.run(refusal_floor(overload.clients))
         with spec.channel() as channel:
             ranks = ranks_pb2_grpc.RanksServiceStub(channel).ListRanks(ranks_pb2.ListRanksRequest())
     failed = sum(rank.failed for rank in ranks.ranks)
     handled = router_refusal_ms(LOGS / "router.log") or [float("nan")]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, cwd=ROOT,
-    ).stdout.strip()  # fmt: skip
-    if dirty:
-        commit += " with uncommitted changes"
     now = datetime.datetime.now(datetime.UTC)
     text = (
-        f"## Overload, {now:%Y-%m-%d %H:%M} UTC, commit {commit}, {platform.node()} "
+        f"## Overload, {now:%Y-%m-%d %H:%M} UTC, commit {_commit()}, {platform.node()} "
         f"({len(os.sched_getaffinity(0))} cores)\n\n"
         f"{args.model}, {args.ranks} ranks, --max-num-seqs {args.max_num_seqs} "
         f"(admission bound {bound}), {args.tokens} output tokens a call, "
         f"{args.deadline:.0f} s deadlines; requests the ranks failed: {failed}; the router's "
         f"handler took {percentile(handled, 0.5):.2f} / {percentile(handled, 0.99):.2f} ms "
-        f"(p50 / p99) over a refusal; in overload, {after_burst(overload)}\n\n"
+        f"(p50 / p99) over a refusal; in overload, {after_burst(overload)}; a bare grpc.aio "
+        f"server refusing all {overload.clients} calls of the same burst answered them in "
+        f"{percentile(floor, 0.5):.1f} / {percentile(floor, 0.99):.1f} ms (p50 / p99)\n\n"
         f"{table([capacity, overload], capacity)}\n"
     )
     print(text)

@@ -29,7 +29,7 @@ from router import intake, tracing
 from router.dispatcher import Dispatcher
 from router.engine_types import EngineRequest, Sampling
 from router.fleet import build as build_fleet
-from router.ledger import Ledger, RankLoad, RankState
+from router.ledger import RankLoad, RankState
 from router.membership import in_daemon_thread
 from router.metrics import Metrics
 from router.policies import POLICIES, RouteInput, make_policy
@@ -148,7 +148,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
     pool = CoupledRanks(client)
     dispatcher = Dispatcher(Metrics())
     if system != VLLM_BALANCER:
-        dispatcher.attach(build_fleet(pool, Ledger(2, pool.capacity), system))
+        dispatcher.attach(build_fleet(pool, system))
 
     async def submit(job: Job) -> Result:
         start = time.perf_counter()

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from bench.refuser import until_stopped
 from router.app import build_server, serve_port
 from router.config import parse_args
 from router.dispatcher import Dispatcher
 from router.engine_types import EngineDelta, EngineRequest
 from router.fleet import build as build_fleet
 from router.health import RouterHealth
-from router.ledger import EngineLoad, Ledger
+from router.ledger import EngineLoad
 from router.limits import ModelLimits
 from router.metrics import Metrics
 from router.vllm_compat import EngineSamplingParams
@@ -93,7 +93,7 @@ async def serve(listen: str, model: str) -> None:
     pool = StandInRank()
     dispatcher.attach(
         build_fleet(
-            pool, Ledger(1, pool.capacity), config.routing_policy, config.load_factor,
+            pool, config.routing_policy, config.load_factor,
             allowed=config.limits,
         )
     )  # fmt: skip
@@ -103,11 +103,7 @@ async def serve(listen: str, model: str) -> None:
     await server.start()
     await health.starting(1)
     await health.update(dispatcher.loads())
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=None)
+    await until_stopped(server)
 
 
 def main() -> None:

@@ -38,18 +38,20 @@ BACKLOG_TTL_S = 0.1
 
 def build(
     pool: RankPool,
-    ledger: Ledger,
     routing_policy: str,
     load_factor: float = DEFAULT_LOAD_FACTOR,
     max_queue_per_rank: int | None = None,
     max_in_flight: int | None = None,
     allowed: RequestLimits = NO_LIMITS,
+    healthy: bool = True,
 ) -> Fleet:
-    """The fleet of `pool`'s ranks, routed by the named policy. An unset
-    per-rank queue is as long as a rank runs at once."""
+    """The fleet of `pool`'s ranks, routed by the named policy, with a new
+    ledger (each rank `healthy` or not to begin with). An unset per-rank
+    queue is as long as a rank runs at once."""
     ranks = pool.limits.data_parallel_size
     policy = make_policy(routing_policy, ranks, pool.block_size, load_factor, pool.kv_blocks)
     capacity = pool.capacity
+    ledger = Ledger(ranks, capacity, healthy, pool.kv_blocks, pool.block_size)
     queue = capacity if max_queue_per_rank is None else max_queue_per_rank
     limits = admission.QueueLimits(capacity, queue, max_in_flight)
     return Fleet(pool, ledger, policy, limits, allowed)
@@ -69,9 +71,9 @@ class Fleet:
         self.policy = policy
         self.queue_limits = limits
         self.allowed = allowed  # the router's own per-request limits
-        # Per rank: (when, the ledger's version of it, its pace, its in-flight
-        # requests' expected ends).
-        self._backlogs: dict[int, tuple[float, int, Pace, list[float] | None]] = {}
+        # Per rank: (when, the ledger's version of it, its pace, its slots,
+        # its in-flight requests' expected ends).
+        self._backlogs: dict[int, tuple[float, int, Pace, int, list[float] | None]] = {}
         self._returns = admission.Returns()  # when refused clients were told to retry
 
     @property
@@ -88,24 +90,22 @@ class Fleet:
     def _marked_loads(self) -> list[RankLoad]:
         return admission.mark_full(self.loads(), self.queue_limits)
 
-    def _backlog(self, rank: int) -> tuple[Pace, list[float] | None]:
-        """The rank's pace and its requests' expected ends (`admission.
-        completion_times`), worked out again when a request came or went, or
-        after BACKLOG_TTL_S: a burst of refusals shares one."""
+    def _backlog(self, rank: int) -> tuple[Pace, int, admission.Ends | None]:
+        """The rank's pace, its slots and its requests' expected ends
+        (`admission.completion_times`), worked out again when a request came
+        or went, or after BACKLOG_TTL_S: a burst of refusals shares one."""
         now = time.monotonic()
         version = self.ledger.version(rank)
         cached = self._backlogs.get(rank)
         if cached is None or cached[1] != version or now - cached[0] >= BACKLOG_TTL_S:
             backlog = self.ledger.backlog(rank, self.pool.step_times(rank))
-            ends = admission.completion_times(backlog, self.queue_limits.capacity)
-            cached = self._backlogs[rank] = (now, version, backlog.pace, ends)
-        at, _, pace, ends = cached
-        if ends is not None and now > at:
-            ends = [max(end - (now - at), 0.0) for end in ends]
-        return pace, ends
+            ends = admission.completion_times(backlog)
+            cached = self._backlogs[rank] = (now, version, backlog.pace, backlog.slots, ends)
+        at, _, pace, slots, ends = cached
+        return pace, slots, None if ends is None else admission.Ends(ends, now - at)
 
-    def _ends(self, rank: int) -> list[float] | None:
-        return self._backlog(rank)[1]
+    def _ends(self, rank: int) -> admission.Ends | None:
+        return self._backlog(rank)[2]
 
     def check_room(self, pin: validation.Pin | None) -> None:
         """Refuses a request at once when the router, its pinned rank or
@@ -174,8 +174,8 @@ class Fleet:
     def _deadline_refusal(
         self, load: RankLoad, ask: admission.Ask, deadline_s: float
     ) -> RequestError | None:
-        pace, ends = self._backlog(load.rank)
-        return admission.deadline_refusal(load, self.queue_limits, pace, ends, ask, deadline_s)
+        pace, slots, ends = self._backlog(load.rank)
+        return admission.deadline_refusal(load, slots, pace, ends, ask, deadline_s)
 
     def _in_time_elsewhere(
         self,

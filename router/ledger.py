@@ -64,6 +64,7 @@ class Backlog:
     time until one of its slots frees is estimated from (admission.py)."""
 
     pace: Pace
+    slots: int  # requests its engine can run at once (`Ledger.slots`)
     # (prompt tokens, output budget, seconds since it got its slot, output
     # tokens so far) of the requests the engine runs.
     running: list[tuple[int, int, float, int]]
@@ -84,6 +85,8 @@ class _Counts:
     cancelled: int = 0
     prefill_tps: float | None = None
     version: int = 0  # counts the requests that came and went
+    running: int = 0  # in-flight requests with a slot
+    blocks: int = 0  # KV blocks the in-flight requests' prompts and budgets fill
 
 
 @dataclass(slots=True)
@@ -108,8 +111,17 @@ class Ledger:
     """A rank serves when it is healthy (the watchdog's call) and not drained
     (the operator's call, or shutdown's)."""
 
-    def __init__(self, ranks: int, capacity: int, healthy: bool = True) -> None:
+    def __init__(
+        self,
+        ranks: int,
+        capacity: int,
+        healthy: bool = True,
+        kv_blocks: int | None = None,
+        block_size: int = 1,
+    ) -> None:
         self._capacity = capacity  # requests one engine runs at once
+        self._kv_blocks = kv_blocks  # blocks one engine's KV cache holds (None: unknown)
+        self._block_size = block_size  # tokens a block holds
         self._counts = [_Counts() for _ in range(ranks)]
         self._healthy = [healthy] * ranks
         self._healthy_since = [time.monotonic()] * ranks
@@ -145,16 +157,40 @@ class Ledger:
     def reserve(self, request_id: str, rank: int, prompt_tokens: int, budget: int) -> Entry:
         """A request was routed to `rank`; its entry counts its output."""
         counts = self._counts[rank]
-        now = time.monotonic()
-        entry = Entry(
-            rank, prompt_tokens, budget, now, now if counts.in_flight < self._capacity else 0.0
-        )
+        entry = Entry(rank, prompt_tokens, budget, time.monotonic(), 0.0)
         counts.in_flight += 1
         counts.version += 1
         counts.queued_prompt_tokens += prompt_tokens
+        counts.blocks += self._blocks(entry)
         self._entries[rank][request_id] = entry
         self._rank_of[request_id] = rank
+        self._fill_slots(rank, entry.routed_at)
         return entry
+
+    def slots(self, rank: int) -> int:
+        """Requests the rank's engine can run at once: its max_num_seqs, or
+        fewer where the in-flight requests' prompts and budgets would not
+        fit its KV cache (vLLM preempts the newest then, to recompute later)."""
+        counts = self._counts[rank]
+        if self._kv_blocks is None or not counts.in_flight:
+            return self._capacity
+        per_request = counts.blocks / counts.in_flight
+        return max(1, min(self._capacity, int(self._kv_blocks // per_request)))
+
+    def _blocks(self, entry: Entry) -> int:
+        """The KV blocks a request fills once its whole budget is out."""
+        return -(-(entry.prompt_tokens + entry.budget) // self._block_size)
+
+    def _fill_slots(self, rank: int, now: float) -> None:
+        """Gives free slots to the oldest requests waiting for one."""
+        counts, free = self._counts[rank], self.slots(rank) - self._counts[rank].running
+        for entry in self._entries[rank].values():
+            if free <= 0:
+                return
+            if not entry.slot_at:
+                entry.slot_at = now
+                counts.running += 1
+                free -= 1
 
     def version(self, rank: int) -> int:
         """Changes whenever a request comes to or leaves the rank."""
@@ -185,14 +221,13 @@ class Ledger:
         entries = self._entries[rank]
         entry = entries.pop(request_id)
         entry.released = True
-        now = time.monotonic()
-        if entry.slot_at:  # its slot goes to the oldest request waiting for one
-            waiting = next((e for e in entries.values() if not e.slot_at), None)
-            if waiting is not None:
-                waiting.slot_at = now
         counts = self._counts[rank]
         counts.in_flight -= 1
         counts.version += 1
+        counts.blocks -= self._blocks(entry)
+        if entry.slot_at:  # its slot goes to the oldest request waiting for one
+            counts.running -= 1
+            self._fill_slots(rank, time.monotonic())
         if not entry.first_at:
             counts.queued_prompt_tokens -= entry.prompt_tokens
         if outcome is Outcome.SERVED:
@@ -216,7 +251,7 @@ class Ledger:
             else:
                 waiting.append((entry.prompt_tokens, entry.budget))
         counts = self._counts[rank]
-        return Backlog(Pace(steps, counts.prefill_tps), running, waiting)
+        return Backlog(Pace(steps, counts.prefill_tps), self.slots(rank), running, waiting)
 
     def loads(self, engine: Sequence[EngineLoad] | None) -> list[RankLoad]:
         """Every rank's snapshot, with the engines' reports when there are any."""

@@ -29,7 +29,6 @@ from router.dispatcher import Dispatcher
 from router.fleet import Fleet
 from router.fleet import build as build_fleet
 from router.health import RouterHealth
-from router.ledger import Ledger
 from router.ranks import CoupledRanks, IndependentRanks, RankPool
 from router.topology import rank_port
 from router.vllm_compat import EngineClient, rank_group_args
@@ -105,14 +104,14 @@ class Membership:
             self.first_join.set_exception(error)
             return
         pool = CoupledRanks(joining.result())
-        self._attach(pool, Ledger(self._ranks, pool.capacity))
+        self._attach(pool)
         _freeze_heap()
 
-    def _attach(self, pool: RankPool, ledger: Ledger) -> Fleet:
+    def _attach(self, pool: RankPool, healthy: bool = True) -> Fleet:
         config = self._config
         fleet = self._fleet = build_fleet(
-            pool, ledger, config.routing_policy, config.load_factor,
-            config.max_queue_per_rank, config.max_in_flight, config.limits,
+            pool, config.routing_policy, config.load_factor, config.max_queue_per_rank,
+            config.max_in_flight, config.limits, healthy,
         )  # fmt: skip
         self._dispatcher.attach(fleet)
         log.info("serving", extra={"ranks": self._ranks, "routing_policy": fleet.policy.name})
@@ -151,7 +150,7 @@ class Membership:
         fleet = self._fleet
         if fleet is None:
             pool = IndependentRanks(self._ranks, rank, client)
-            fleet = self._attach(pool, Ledger(self._ranks, pool.capacity, healthy=False))
+            fleet = self._attach(pool, healthy=False)
         else:
             self._independent_pool(fleet).join(rank, client)
         fleet.ledger.set_healthy(rank, True)

@@ -11,6 +11,7 @@ by batch size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Weight of the newest step in its batch size's moving average: steps come
@@ -57,18 +58,29 @@ class Pace:
         return max(estimate, FLOOR_SHARE * min(seconds for _, seconds in points))
 
     def first_token_s(self, prompt_tokens: int, running: int) -> float | None:
-        if self.prefill_tps is not None:
-            return prompt_tokens / self.prefill_tps
-        return self.itl_at(running)
+        itl = self.itl_at(running)
+        return None if itl is None else self._first_token_s(prompt_tokens, itl)
+
+    def _first_token_s(self, prompt_tokens: int, itl: float) -> float:
+        return prompt_tokens / self.prefill_tps if self.prefill_tps is not None else itl
 
     def request_s(self, prompt_tokens: int, budget: int, running: int) -> float | None:
         """Seconds a request takes from its slot, its prompt then its whole
         output budget, while the rank runs `running` requests."""
-        first = self.first_token_s(prompt_tokens, running)
+        at_batch = self.request_s_at(running)
+        return None if at_batch is None else at_batch(prompt_tokens, budget)
+
+    def request_s_at(self, running: int) -> Callable[[int, int], float] | None:
+        """`request_s` of many requests at one batch size, the step time
+        looked up once: (prompt tokens, budget) -> seconds."""
         itl = self.itl_at(running)
-        if first is None or itl is None:
+        if itl is None:
             return None
-        return first + budget * itl
+
+        def request_s(prompt_tokens: int, budget: int) -> float:
+            return self._first_token_s(prompt_tokens, itl) + budget * itl
+
+        return request_s
 
 
 @dataclass

@@ -11,7 +11,7 @@ from google.rpc import error_details_pb2
 from router import admission
 from router.admission import Ask, QueueLimits
 from router.errors import RequestError
-from router.ledger import Backlog, RankState
+from router.ledger import Backlog, Ledger, Outcome, RankState
 from router.pace import MIN_STEPS, Pace, StepTimes
 from router.policies import LeastLoaded, RouteInput
 from tests.test_policies import load
@@ -42,21 +42,22 @@ def test_full_ranks_are_skipped_and_all_full_is_resource_exhausted() -> None:
 
 
 def test_completion_times_play_the_backlog_out_over_the_slots() -> None:
-    no_pace = Backlog(Pace(), [(0, 10, 0.0, 0)], [])
-    assert admission.completion_times(no_pace, 2) is None
+    no_pace = Backlog(Pace(), 2, [(0, 10, 0.0, 0)], [])
+    assert admission.completion_times(no_pace) is None
     # Two running: 100 tokens, half of them out in 2 s, at half the rank's
     # pace (by it: 2 s left; by the rank's: none; half of each: 1 s); 20
     # tokens, just started, none out (the rank's pace: 0.2 s). Then two
     # waiting take the slots as they free: a 1,000-token prompt and 50
     # tokens (1.5 s), then 10 tokens (0.1 s).
-    backlog = Backlog(PACE, [(0, 100, 2.0, 50), (0, 20, 0.0, 0)], [(1000, 50), (0, 10)])
-    ends = admission.completion_times(backlog, 2)
+    backlog = Backlog(PACE, 2, [(0, 100, 2.0, 50), (0, 20, 0.0, 0)], [(1000, 50), (0, 10)])
+    ends = admission.completion_times(backlog)
     assert ends == pytest.approx([0.2, 1.0, 1.1, 1.7])
     # With a third slot the first waiting one starts at once, in its prefill.
-    assert admission.completion_times(backlog, 3) == pytest.approx([0.2, 0.3, 1.0, 1.5])
+    third = dataclasses.replace(backlog, slots=3)
+    assert admission.completion_times(third) == pytest.approx([0.2, 0.3, 1.0, 1.5])
     # One past its expected end with no output yet is taken to end within a token.
-    overdue = Backlog(PACE, [(0, 10, 5.0, 0)], [])
-    assert admission.completion_times(overdue, 2) == pytest.approx([0.01])
+    overdue = Backlog(PACE, 2, [(0, 10, 5.0, 0)], [])
+    assert admission.completion_times(overdue) == pytest.approx([0.01])
 
 
 def test_retry_delay_is_when_a_slot_frees_up() -> None:
@@ -96,7 +97,9 @@ def test_router_bound() -> None:
 def refusal(
     in_flight: int, pace: Pace, ends: list[float] | None, ask: Ask, deadline: float
 ) -> RequestError | None:
-    return admission.deadline_refusal(load(0, in_flight), LIMITS, pace, ends, ask, deadline)
+    return admission.deadline_refusal(
+        load(0, in_flight), LIMITS.capacity, pace, ends, ask, deadline
+    )
 
 
 def test_deadline_admission_is_per_request() -> None:
@@ -162,13 +165,12 @@ def test_step_times_come_from_steps_that_followed_work() -> None:
 
 
 def test_deadline_admission_judges_the_batch_it_would_join() -> None:
-    limits = QueueLimits(capacity=8, max_queue_per_rank=0)
     ends = [0.5, 1.0, 2.0, 4.0, 8.0]
     ask = Ask(prompt_tokens=4, budget=100)  # 1 s a request in its batch, 1.5x to spare
 
     def judged(in_flight: int, deadline: float) -> RequestError | None:
         rank = load(0, in_flight)
-        return admission.deadline_refusal(rank, limits, IN_PROPORTION, ends, ask, deadline)
+        return admission.deadline_refusal(rank, 8, IN_PROPORTION, ends, ask, deadline)
 
     # In 6 s it can finish in a batch of 3, not 4.
     assert admission.largest_batch_in_time(IN_PROPORTION, ask, 6.0, 8) == 3
@@ -197,6 +199,39 @@ def test_refused_clients_are_given_turns_to_come_back() -> None:
     # Past the bound of one estimate each still gets a turn of its own.
     cap, later = admission.MAX_RETRY_DELAY_S, admission.Returns()
     assert [later.assign(0.0, cap, 1.0) for _ in range(3)] == [cap, cap + 1, cap + 2]
+    # A burst: each refusal is given the turn after the last; one with a
+    # later estimate keeps its own, and leaves the turns before it free.
+    burst = admission.Returns()
+    n = 200
+    assert [burst.assign(0.0, 1.0, 0.5) for _ in range(n)] == [1.0 + 0.5 * i for i in range(n)]
+    assert burst.assign(0.0, 500.0, 0.5) == 500.0
+    assert burst.assign(0.0, 1.0, 0.5) == 1.0 + 0.5 * n
+    # A shorter interval finds room between the turns given at a longer one.
+    assert burst.assign(0.0, 1.0, 0.2) == pytest.approx(1.2)
     # Two ranks, each freeing a slot every 2 s on average: one every second.
     assert admission.slot_interval([[1.0, 4.0], None, [2.0, 3.0, 6.0]]) == pytest.approx(1.0)
     assert admission.slot_interval([None, []]) == 0.0
+
+
+def test_a_rank_runs_as_many_as_its_kv_cache_holds() -> None:
+    # 4 slots, but 10 KV blocks of 100 tokens: requests of 300 tokens (prompt
+    # and budget) fit 3 at a time; the fourth waits for a slot.
+    ledger = Ledger(1, capacity=4, kv_blocks=10, block_size=100)
+    entries = [ledger.reserve(f"r{i}", 0, prompt_tokens=100, budget=200) for i in range(4)]
+    assert ledger.slots(0) == 3
+    assert [bool(e.slot_at) for e in entries] == [True, True, True, False]
+    backlog = ledger.backlog(0, ())
+    assert (backlog.slots, len(backlog.running), len(backlog.waiting)) == (3, 3, 1)
+    # One ends: its slot goes to the one waiting.
+    ledger.release("r0", Outcome.SERVED)
+    assert entries[3].slot_at
+    # A request fills whole blocks: 201 tokens take 3 of them.
+    partial = Ledger(1, capacity=4, kv_blocks=10, block_size=100)
+    partial.reserve("p", 0, prompt_tokens=1, budget=200)
+    assert partial.slots(0) == 3
+    # Short requests fit as many as the engine runs; no KV size known, likewise.
+    short = Ledger(1, capacity=4, kv_blocks=10, block_size=100)
+    for i in range(4):
+        short.reserve(f"s{i}", 0, prompt_tokens=10, budget=10)
+    assert short.slots(0) == 4
+    assert Ledger(1, capacity=4).slots(0) == 4

@@ -18,7 +18,6 @@ from router.dispatcher import Dispatcher, Job
 from router.engine_types import EngineDelta, EngineRequest
 from router.errors import RequestError
 from router.fleet import build as build_fleet
-from router.ledger import Ledger
 from router.metrics import Metrics
 from router.ranks import RankNotJoined
 from router.vllm_compat import EngineClientError, EngineDeadError
@@ -47,7 +46,7 @@ class ScriptedRank(StandInRank):
 
 def dispatcher_over(pool: StandInRank) -> Dispatcher:
     dispatcher = Dispatcher(Metrics())
-    dispatcher.attach(build_fleet(pool, Ledger(1, pool.capacity), "round_robin"))
+    dispatcher.attach(build_fleet(pool, "round_robin"))
     return dispatcher
 
 

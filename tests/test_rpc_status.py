@@ -24,7 +24,7 @@ from router.engine_types import EngineDelta
 from router.fleet import Fleet
 from router.fleet import build as build_fleet
 from router.intake import Admitted
-from router.ledger import Ledger, Outcome
+from router.ledger import Outcome
 from router.metrics import Metrics
 from router.service import GenerateServicer
 from tests.test_metrics import parse, value
@@ -41,7 +41,7 @@ class FailingDispatcher:
     ) -> None:
         self.metrics = Metrics()
         pool = StandInRank()
-        self._fleet = build_fleet(pool, Ledger(1, pool.capacity), "round_robin")
+        self._fleet = build_fleet(pool, "round_robin")
         self.error = error
         self.hold_s = hold_s
         self.released: list[Outcome] = []  # jobs released without running
