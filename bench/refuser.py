@@ -1,7 +1,8 @@
 """A bare grpc.aio server that refuses every call at once with
-RESOURCE_EXHAUSTED and a `RetryInfo`, as dprouter refuses: no routing, no
-books, no logs. Its refusal latency under a burst is the floor of any Python
-gRPC front end on the same machine (bench.overload prints it).
+RESOURCE_EXHAUSTED and a `RetryInfo`, as dprouter refuses, with dprouter's
+limits on calls waiting for a handler: no routing, no books, no logs. Its
+refusal latency under a burst is the floor of any Python gRPC front end on
+the same machine (bench.overload prints it).
 
     python -m bench.refuser --listen 127.0.0.1:PORT
 """
@@ -18,6 +19,7 @@ import grpc
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
 from router.admission import Refusal
+from router.app import PENDING_CALL_OPTIONS
 from router.rpc import abort
 
 REFUSAL = Refusal("every serving rank holds its limit", "RANK_QUEUE_FULL", 1.0)
@@ -47,7 +49,7 @@ async def until_stopped(server: grpc.aio.Server) -> None:
 
 
 async def serve(listen: str) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=PENDING_CALL_OPTIONS)
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(Refuser(), server)
     server.add_insecure_port(listen)
     await server.start()

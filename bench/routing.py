@@ -33,6 +33,7 @@ from router.ledger import RankLoad, RankState
 from router.membership import in_daemon_thread
 from router.metrics import Metrics
 from router.policies import POLICIES, RouteInput, make_policy
+from router.progress import Progress
 from router.ranks import CoupledRanks
 from router.vllm_compat import (
     EngineClient,
@@ -166,7 +167,7 @@ def submitter(system: str, client: EngineClient) -> Submit:
             )
             trace = tracing.start("bench", (), "bench")  # not recording: no provider
             admitted = await intake.admit(request, (), dispatcher.fleet())
-            deltas = dispatcher.run(dispatcher.prepare(admitted, trace, None), None)
+            deltas = dispatcher.run(dispatcher.prepare(admitted, trace, Progress.starting(None)))
         async for delta in deltas:
             cached = delta.cached_tokens
         return Result(job, time.perf_counter() - start, cached)

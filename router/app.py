@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
-from router import tracing
+from router import otlp
 from router.auth import BearerTokenInterceptor
 from router.config import RouterConfig, TlsConfig
 from router.dispatcher import Dispatcher
@@ -42,8 +42,15 @@ T = TypeVar("T")
 # After the grace period: how long the requests the router ended get to send
 # their status before the server stops (which would cancel them instead).
 STATUS_SEND_S = 1.0
-MAX_PENDING_CALLS = 1 << 20
-MAX_PENDING_CALL_S = 3600
+# Calls that wait for a handler while the event loop is busy: gRPC would drop
+# them past its default limits (CANCELLED, unseen by the router). Every call
+# reaches the router, whose admission answers overload with RESOURCE_EXHAUSTED
+# and a retry delay instead.
+PENDING_CALL_OPTIONS = (
+    ("grpc.server.max_pending_requests", 1 << 20),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
+    ("grpc.server_max_unrequested_time_in_server", 3600),
+)
 
 
 def build_server(
@@ -64,13 +71,7 @@ def build_server(
             ("grpc.keepalive_timeout_ms", 1000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
-            # Calls that wait for a handler while the event loop is busy:
-            # gRPC would drop them past these limits (CANCELLED, unseen by the
-            # router). Every call reaches the router, whose admission answers
-            # overload with RESOURCE_EXHAUSTED and a retry delay instead.
-            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-            ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_CALL_S),
+            *PENDING_CALL_OPTIONS,
         ],
     )
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(
@@ -153,16 +154,16 @@ async def serve(config: RouterConfig) -> int:
     vitals.close()
     if metrics_server is not None:
         metrics_server.shutdown()
-    tracing.shutdown()
+    otlp.shutdown()
     log.info("stopped")
     return code
 
 
 def _with_tracing(config: RouterConfig) -> RouterConfig:
     """The config, with vLLM's request tracing on where the router's is."""
-    if not tracing.setup():
+    if not otlp.setup():
         return config
-    endpoint = tracing.traces_endpoint()
+    endpoint = otlp.traces_endpoint()
     assert endpoint is not None  # tracing is on
     log.info("tracing to OTLP", extra={"endpoint": endpoint})
     return dataclasses.replace(

@@ -10,7 +10,7 @@ changes anything a token protects. Tokens are compared in constant time.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +24,8 @@ _OPEN_SERVICES = (
 )
 _SCHEME = "bearer "
 
-if TYPE_CHECKING:  # generic only in the type stubs
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    Context = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:
+    from router.rpc import Context, Continuation, Handler
 
 
 def load_tokens(path: str | None, env_value: str | None) -> frozenset[str]:
@@ -64,9 +63,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         return sum(hmac.compare_digest(given, t) for t in self._tokens) > 0
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method

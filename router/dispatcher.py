@@ -21,8 +21,9 @@ from router.errors import unavailable
 from router.fleet import Fleet
 from router.intake import Admitted
 from router.ledger import Outcome, RankLoad
-from router.metrics import Metrics, StreamTimer
+from router.metrics import Metrics
 from router.policies import Decision
+from router.progress import Progress
 from router.ranks import RankNotJoined
 from router.tracing import RequestTrace
 
@@ -39,6 +40,7 @@ class Job:
     request: Admitted
     fleet: Fleet  # the ranks it runs on
     trace: RequestTrace
+    progress: Progress  # its record: tokens, timings, outcome, deadline
     rank: int
     route_policy: str  # the policy that chose the rank, or "pin"
     route_reason: str
@@ -51,14 +53,6 @@ class Job:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.request.prompt_token_ids
-
-
-@dataclass
-class _Progress:
-    """How far a job has got, across its attempts."""
-
-    outcome: Outcome = Outcome.CANCELLED
-    delivered: int = 0  # tokens handed to the client
 
 
 def _engine_id(request_id: str) -> str:
@@ -98,11 +92,11 @@ class Dispatcher:
         before they join)."""
         return self._fleet.prompt_bytes_bound() if self._fleet is not None else None
 
-    def prepare(self, admitted: Admitted, trace: RequestTrace, deadline_s: float | None) -> Job:
+    def prepare(self, admitted: Admitted, trace: RequestTrace, progress: Progress) -> Job:
         """Routes the request and counts it on its rank, in a span of the
-        request's trace. The caller must `run` the job or `release` it.
-        `deadline_s`: the seconds left to the request's deadline, if any."""
+        request's trace. The caller must `run` the job or `release` it."""
         fleet = self.fleet()
+        progress.prompt_tokens = len(admitted.prompt_token_ids)
         trace.request(
             admitted.sampling,
             len(admitted.prompt_token_ids),
@@ -110,10 +104,11 @@ class Dispatcher:
             session=admitted.session_key,
         )
         with trace.stage("route") as span:
+            deadline_s = progress.seconds_left()
             rank, decision = fleet.route(admitted.route, admitted.pin, admitted.ask, deadline_s)
             self._commit(decision)
             job = Job(
-                admitted, fleet, trace, rank, decision.policy, decision.reason,
+                admitted, fleet, trace, progress, rank, decision.policy, decision.reason,
                 _engine_id(admitted.request_id),
             )  # fmt: skip
             self._reserve(job)
@@ -139,7 +134,7 @@ class Dispatcher:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def run(self, job: Job, deadline_s: float | None) -> AsyncGenerator[EngineDelta, None]:
+    async def run(self, job: Job) -> AsyncGenerator[EngineDelta, None]:
         """The job's deltas; engine failures become RequestErrors. A job whose
         rank fails before it produced anything is retried on another rank; each
         attempt is a span of the job's trace, parent of the engine's own. At
@@ -147,60 +142,56 @@ class Dispatcher:
         consumer: a handler blocked sending to a vanished client was seen to
         miss gRPC's own cancellation for the whole generation."""
         expiry = None
-        if deadline_s is not None:
+        progress = job.progress
+        if (deadline_s := progress.seconds_left()) is not None:
             loop = asyncio.get_running_loop()
             expiry = loop.call_later(max(deadline_s, 0.0), self._abort_in_background, job)
-        progress = _Progress()
-        timer = self.metrics.stream(job.request.arrived)
         try:
             while True:
                 attempt = self._attempt(job)
                 try:
                     while (delta := await attempt.next_delta()) is not None:
-                        self._output(job, attempt, delta, timer, progress)
+                        self._output(job, attempt, delta)
                         yield delta
                         attempt.check_ended()
                     break
                 except BaseException as e:
-                    if not attempt.retries(e, progress.delivered, job.request.pin is not None):
+                    delivered = progress.completion_tokens
+                    if not attempt.retries(e, delivered, job.request.pin is not None):
                         raise
                     self._retry_elsewhere(job)
                 finally:
                     self._attempts.pop(attempt.request.request_id, None)
-                    attempt.span.end()
+                    attempt.span.end(progress)
         except Exception as e:
             progress.outcome = Outcome.FAILED
-            if (error := client_error(e, job.rank, progress.delivered)) is e:
+            if (error := client_error(e, job.rank, progress.completion_tokens)) is e:
                 raise
             raise error from e
         finally:
             if expiry is not None:
                 expiry.cancel()
             self.release(job, progress.outcome)
+            self.metrics.ended(job.rank, progress)
             if progress.outcome is Outcome.CANCELLED:
                 # vLLM aborts a cancelled generate() itself; this also covers a
                 # consumer that stops iterating without cancelling.
                 await job.fleet.pool.abort(job.engine_request_id, job.rank)
 
-    @staticmethod
-    def _output(
-        job: Job, attempt: RankAttempt, delta: EngineDelta, timer: StreamTimer, progress: _Progress
-    ) -> None:
-        """Counts one engine output in the ledger, the span and the metrics."""
+    def _output(self, job: Job, attempt: RankAttempt, delta: EngineDelta) -> None:
+        """Counts one engine output in the ledger, the job's record and the metrics."""
+        tokens = len(delta.token_ids)
         if attempt.entry is not None:
-            job.fleet.ledger.output(attempt.entry, len(delta.token_ids))
-        attempt.span.output(delta)
-        timer.output(attempt.rank, delta)
-        if delta.finished:
-            progress.outcome = Outcome.SERVED
-        progress.delivered += len(delta.token_ids)
+            job.fleet.ledger.output(attempt.entry, tokens)
+        job.progress.output(delta)
+        self.metrics.output(attempt.rank, tokens)
 
     def _attempt(self, job: Job) -> RankAttempt:
         """Starts the job on its rank as it stands now."""
         task = asyncio.current_task()
         assert task is not None  # run() is iterated by a task
         engine_id, request, ids = job.engine_request_id, job.request, job.prompt_token_ids
-        span = job.trace.attempt(job.rank, engine_id, request.sampling, len(ids))
+        span = job.trace.attempt(job.rank, engine_id, request.sampling, job.progress)
         params, priority = request.params, request.priority
         engine_request = EngineRequest(engine_id, ids, params, priority, span.headers)
         deltas = job.fleet.pool.generate(engine_request, job.rank).__aiter__()

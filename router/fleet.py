@@ -12,20 +12,12 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from router import admission, validation
+from router import admission, policies, validation
+from router.backlog import Ends, completion_times
 from router.errors import RequestError, failed_precondition, invalid_argument, unavailable
 from router.ledger import Ledger, RankLoad, RankState
 from router.limits import NO_LIMITS, ModelLimits, RequestLimits, max_prompt_bytes
 from router.pace import Pace
-from router.policies import (
-    DEFAULT_LOAD_FACTOR,
-    Candidate,
-    Decision,
-    Policy,
-    RouteInput,
-    load_score,
-    make_policy,
-)
 from router.ranks import RankPool
 
 PIN_POLICY = "pin"
@@ -39,7 +31,7 @@ BACKLOG_TTL_S = 0.1
 def build(
     pool: RankPool,
     routing_policy: str,
-    load_factor: float = DEFAULT_LOAD_FACTOR,
+    load_factor: float = policies.DEFAULT_LOAD_FACTOR,
     max_queue_per_rank: int | None = None,
     max_in_flight: int | None = None,
     allowed: RequestLimits = NO_LIMITS,
@@ -49,7 +41,9 @@ def build(
     ledger (each rank `healthy` or not to begin with). An unset per-rank
     queue is as long as a rank runs at once."""
     ranks = pool.limits.data_parallel_size
-    policy = make_policy(routing_policy, ranks, pool.block_size, load_factor, pool.kv_blocks)
+    policy = policies.make_policy(
+        routing_policy, ranks, pool.block_size, load_factor, pool.kv_blocks
+    )
     capacity = pool.capacity
     ledger = Ledger(ranks, capacity, healthy, pool.kv_blocks, pool.block_size)
     queue = capacity if max_queue_per_rank is None else max_queue_per_rank
@@ -62,7 +56,7 @@ class Fleet:
         self,
         pool: RankPool,
         ledger: Ledger,
-        policy: Policy,
+        policy: policies.Policy,
         limits: admission.QueueLimits,
         allowed: RequestLimits = NO_LIMITS,
     ) -> None:
@@ -90,21 +84,21 @@ class Fleet:
     def _marked_loads(self) -> list[RankLoad]:
         return admission.mark_full(self.loads(), self.queue_limits)
 
-    def _backlog(self, rank: int) -> tuple[Pace, int, admission.Ends | None]:
+    def _backlog(self, rank: int) -> tuple[Pace, int, Ends | None]:
         """The rank's pace, its slots and its requests' expected ends
-        (`admission.completion_times`), worked out again when a request came
+        (`backlog.completion_times`), worked out again when a request came
         or went, or after BACKLOG_TTL_S: a burst of refusals shares one."""
         now = time.monotonic()
         version = self.ledger.version(rank)
         cached = self._backlogs.get(rank)
         if cached is None or cached[1] != version or now - cached[0] >= BACKLOG_TTL_S:
             backlog = self.ledger.backlog(rank, self.pool.step_times(rank))
-            ends = admission.completion_times(backlog)
+            ends = completion_times(backlog)
             cached = self._backlogs[rank] = (now, version, backlog.pace, backlog.slots, ends)
         at, _, pace, slots, ends = cached
-        return pace, slots, None if ends is None else admission.Ends(ends, now - at)
+        return pace, slots, None if ends is None else Ends(ends, now - at)
 
-    def _ends(self, rank: int) -> admission.Ends | None:
+    def _ends(self, rank: int) -> Ends | None:
         return self._backlog(rank)[2]
 
     def check_room(self, pin: validation.Pin | None) -> None:
@@ -139,11 +133,11 @@ class Fleet:
 
     def route(
         self,
-        route: RouteInput,
+        route: policies.RouteInput,
         pin: validation.Pin | None,
         ask: admission.Ask,
         deadline_s: float | None,
-    ) -> tuple[int, Decision]:
+    ) -> tuple[int, policies.Decision]:
         """The rank, and the policy's decision or the pin's; nothing is committed yet.
         Refuses the request when no rank has room for it, or it cannot be
         served before its deadline."""
@@ -155,8 +149,10 @@ class Fleet:
                 raise admission.all_full(loads, self.queue_limits, self._ends)
             rank = decision.rank
         else:
-            candidates = [Candidate(load.rank, load_score(load)) for load in loads]
-            decision = Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+            candidates = [
+                policies.Candidate(load.rank, policies.load_score(load)) for load in loads
+            ]
+            decision = policies.Decision(pin.rank, PIN_POLICY, pin.field, candidates)
             rank = pin.rank
         if deadline_s is None:
             return rank, decision
@@ -167,7 +163,7 @@ class Fleet:
             raise refused
         return self._in_time_elsewhere(loads, decision, ask, deadline_s, refused)
 
-    def reroute(self, route: RouteInput) -> Decision:
+    def reroute(self, route: policies.RouteInput) -> policies.Decision:
         """The policy's rank for a request moved off a failed rank."""
         return self.policy.decide(route, self._marked_loads())
 
@@ -180,11 +176,11 @@ class Fleet:
     def _in_time_elsewhere(
         self,
         loads: Sequence[RankLoad],
-        decision: Decision,
+        decision: policies.Decision,
         ask: admission.Ask,
         deadline_s: float,
         refused: RequestError,
-    ) -> tuple[int, Decision]:
+    ) -> tuple[int, policies.Decision]:
         """Another rank that can serve the request before its deadline, when
         the policy's choice would queue it too long; else the refusal of the
         rank that could take it soonest."""
@@ -192,12 +188,14 @@ class Fleet:
         others = sorted(
             (ld for ld in loads if ld.state is RankState.SERVING and not ld.full
              and ld.rank != decision.rank),
-            key=load_score,
+            key=policies.load_score,
         )  # fmt: skip
         for load in others:
             other = self._deadline_refusal(load, ask, deadline_s)
             if other is None:
-                moved = Decision(load.rank, decision.policy, DEADLINE_REASON, decision.candidates)
+                moved = policies.Decision(
+                    load.rank, decision.policy, DEADLINE_REASON, decision.candidates
+                )
                 return load.rank, moved
             refusals.append(other)
         raise min(refusals, key=admission.retry_delay_of)

@@ -7,7 +7,6 @@ sees the request's proto message.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ class Admitted:
     pin: validation.Pin | None
     priority: int
     chat: bool  # the prompt was chat messages
-    arrived: float  # when the router began with it (monotonic)
 
     @property
     def route(self) -> RouteInput:
@@ -64,7 +62,6 @@ async def admit(
     """The request checked against the model's and the router's limits and
     tokenized; refused at once when nothing has room, before the tokenizer's
     work."""
-    arrived = time.monotonic()
     limits = fleet.limits
     checked = validation.check_request(request, metadata, limits, fleet.allowed)
     fleet.check_room(checked.rank_pin)
@@ -90,7 +87,6 @@ async def admit(
         pin=checked.rank_pin,
         priority=checked.priority,
         chat=checked.prompt.messages is not None,
-        arrived=arrived,
     )
 
 

@@ -1,9 +1,10 @@
 """The router's Prometheus metrics, served over HTTP by `--metrics-listen`.
 
 Two kinds:
-- events, counted as they happen: requests by RPC and gRPC status, routing
-  decisions by policy and reason, output tokens per rank (`rate()` of it is
-  tokens per second), and the time to first token and between tokens;
+- events: requests by RPC and gRPC status, routing decisions by policy and
+  reason, output tokens per rank (counted per message; `rate()` of it is
+  tokens per second), and, once per request from its record
+  (`progress.Progress`), its time to first token and per output token;
 - state, read from the ledger at scrape time (`RankCollector`): per rank its
   state, in-flight requests, queued prompt tokens, the engine's waiting and
   running counts, KV-cache use, and its served / failed / cancelled totals.
@@ -16,7 +17,6 @@ without the loop (a snapshot of plain integers, each read whole).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.engine_types import EngineDelta
 from router.ledger import RankLoad, RankState
+from router.progress import Progress
 
 # Seconds. Tokens come every few ms from a small model on CPU and every
 # 10-100 ms from a large one on a busy GPU; the first one can take seconds.
@@ -34,7 +34,7 @@ TTFT_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
-ITL_BUCKETS = (
+TPOT_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
     0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
@@ -66,16 +66,16 @@ class Metrics:
         )
         self._ttft = Histogram(
             "dprouter_time_to_first_token_seconds",
-            "From the request's arrival to its first token, by serving rank",
+            "From the request's arrival to its first token (observed as it ends), by serving rank",
             ["rank"],
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
-        self._itl = Histogram(
-            "dprouter_inter_token_latency_seconds",
-            "Between consecutive tokens of one choice, by rank",
+        self._tpot = Histogram(
+            "dprouter_time_per_output_token_seconds",
+            "Per request, the mean time between two tokens of a choice, by serving rank",
             ["rank"],
-            buckets=ITL_BUCKETS,
+            buckets=TPOT_BUCKETS,
             registry=self.registry,
         )
 
@@ -88,7 +88,7 @@ class Metrics:
             series = self._ranks[rank] = _RankSeries(
                 self._output_tokens.labels(label),
                 self._ttft.labels(label),
-                self._itl.labels(label),
+                self._tpot.labels(label),
             )
         return series
 
@@ -98,9 +98,18 @@ class Metrics:
     def routed(self, policy: str, reason: str) -> None:
         self._decisions.labels(policy, reason).inc()
 
-    def stream(self, arrived: float) -> StreamTimer:
-        """Times the output of one request that arrived at `arrived` (monotonic)."""
-        return StreamTimer(self, arrived)
+    def output(self, rank: int, tokens: int) -> None:
+        """One message of `tokens` tokens from `rank` went to a client."""
+        if tokens:
+            self.series(rank).output_tokens.inc(tokens)
+
+    def ended(self, rank: int, progress: Progress) -> None:
+        """A request that ran on `rank` ended: its timings, from its record."""
+        series = self.series(rank)
+        if (ttft := progress.time_to_first_token) is not None:
+            series.ttft.observe(ttft)
+        if (tpot := progress.time_per_output_token) is not None:
+            series.tpot.observe(tpot)
 
     def watch(self, loads: Callable[[], Sequence[RankLoad]]) -> None:
         """Exports the ranks' state, read through `loads` at each scrape."""
@@ -119,38 +128,7 @@ class Metrics:
 class _RankSeries:
     output_tokens: Counter
     ttft: Histogram
-    itl: Histogram
-
-
-class StreamTimer:
-    """One request's token timings: the first token, then the gaps between
-    a choice's tokens (a delta of k tokens counts k gaps of 1/k its wait)."""
-
-    def __init__(self, metrics: Metrics, arrived: float) -> None:
-        self._metrics = metrics
-        self._arrived = arrived
-        self._first = True
-        self._last: dict[int, float] = {}  # by choice index
-
-    def output(self, rank: int, delta: EngineDelta) -> None:
-        tokens = len(delta.token_ids)
-        if not tokens:
-            return
-        now = time.monotonic()
-        series = self._metrics.series(rank)
-        series.output_tokens.inc(tokens)
-        if self._first:
-            series.ttft.observe(now - self._arrived)
-            self._first = False
-        gaps = tokens
-        if (last := self._last.get(delta.index)) is None:
-            gaps -= 1  # a choice's first token has no gap before it
-            last = now
-        if gaps:
-            gap = (now - last) / tokens
-            for _ in range(gaps):
-                series.itl.observe(gap)
-        self._last[delta.index] = now
+    tpot: Histogram
 
 
 class RankCollector(Collector):

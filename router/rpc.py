@@ -3,7 +3,7 @@ a `RequestError`'s status and details."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -12,6 +12,9 @@ from router.errors import RequestError
 
 if TYPE_CHECKING:  # generic only in the type stubs
     Context = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    # What a server interceptor is given to find the call's handler.
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
 
 
 def metadata(context: Context) -> Sequence[tuple[str, str | bytes]]:

@@ -21,22 +21,19 @@ import grpc
 from opentelemetry.util.types import AttributeValue
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc
-from router import intake, tracing
+from router import intake, responses, tracing
 from router.dispatcher import Dispatcher, Job
-from router.engine_types import EngineDelta, EngineTokenLogprob
+from router.engine_types import EngineDelta
 from router.errors import RequestError
 from router.ledger import Outcome
+from router.progress import Progress
 from router.rpc import abort, metadata
 from router.tracing import RequestTrace
-from router.validation import RANK_METADATA_KEY
 
 if TYPE_CHECKING:
     from router.rpc import Context
 
 log = logging.getLogger("dprouter.requests")
-# Response metadata: why the request went to its rank.
-ROUTE_POLICY_METADATA_KEY = "x-route-policy"
-ROUTE_REASON_METADATA_KEY = "x-route-reason"
 # In the headers and the trailers: the trailers reach the client even when
 # the request fails before any header is sent.
 TRACE_ID_METADATA_KEY = "x-trace-id"
@@ -54,32 +51,22 @@ def _check_headers(headers: Sequence[tuple[str, str]]) -> None:
             raise ValueError(f"the {key} header is not printable ASCII: {value!r}")
 
 
-def _check_deadline(context: Context) -> None:
+def _check_deadline(progress: Progress) -> None:
     """gRPC cancels a handler at its deadline, but a streaming handler was seen
     to miss that for seconds on a busy machine; checking each delta makes the
     deadline certain (leaving the loop aborts the engine request)."""
-    remaining = context.time_remaining()
+    remaining = progress.seconds_left()
     if remaining is not None and remaining <= 0:
         raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-
-
-_FINISH_REASONS: dict[str, generate_pb2.FinishReason.ValueType] = {
-    "stop": generate_pb2.FINISH_REASON_STOP,
-    "length": generate_pb2.FINISH_REASON_LENGTH,
-    "abort": generate_pb2.FINISH_REASON_ABORT,
-}
 
 
 @dataclass
 class _Outcome:
     """What the log line and the span say about a finished RPC."""
 
+    progress: Progress  # the request's record
     job: Job | None = None
     deltas: AsyncGenerator[EngineDelta, None] | None = None  # the job's stream, once it runs
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    finish_reasons: list[str] = field(default_factory=list)
     fields: dict[str, object] = field(default_factory=dict)
     headers: asyncio.Future[None] | None = None  # the response headers, while they are sent
 
@@ -91,54 +78,15 @@ class _Outcome:
             await headers
 
 
-def _logprobs(items: list[EngineTokenLogprob]) -> list[generate_pb2.TokenLogprob]:
-    return [
-        generate_pb2.TokenLogprob(
-            token_id=item.token_id,
-            logprob=item.logprob,
-            token=item.token,
-            top_logprobs=[
-                generate_pb2.TopLogprob(token_id=t, logprob=lp, token=text)
-                for t, lp, text in item.top
-            ],
-        )
-        for item in items
-    ]
-
-
-def _route_metadata(job: Job) -> list[tuple[str, str]]:
-    """Where the job went and why, as response metadata."""
-    return [
-        (RANK_METADATA_KEY, str(job.rank)),
-        (ROUTE_POLICY_METADATA_KEY, job.route_policy),
-        (ROUTE_REASON_METADATA_KEY, job.route_reason),
-    ]
-
-
-def _usage(outcome: _Outcome) -> generate_pb2.Usage:
-    return generate_pb2.Usage(
-        prompt_tokens=outcome.prompt_tokens,
-        completion_tokens=outcome.completion_tokens,
-        cached_tokens=outcome.cached_tokens,
-    )
-
-
-def _count(outcome: _Outcome, delta: EngineDelta) -> None:
-    outcome.completion_tokens += len(delta.token_ids)
-    if delta.finish_reason:
-        outcome.finish_reasons.append(delta.finish_reason)
-    if delta.finished:
-        outcome.cached_tokens = delta.cached_tokens
-
-
 def _span_attributes(outcome: _Outcome) -> dict[str, AttributeValue]:
     """What the server span says of the RPC's end: the usage, the finish
     reasons and, once routed, where the request went and why."""
+    progress = outcome.progress
     attributes: dict[str, AttributeValue] = {
-        "gen_ai.usage.input_tokens": outcome.prompt_tokens,
-        "gen_ai.usage.output_tokens": outcome.completion_tokens,
-        "gen_ai.usage.cache_read.input_tokens": outcome.cached_tokens,
-        "gen_ai.response.finish_reasons": outcome.finish_reasons,
+        "gen_ai.usage.input_tokens": progress.prompt_tokens,
+        "gen_ai.usage.output_tokens": progress.completion_tokens,
+        "gen_ai.usage.cache_read.input_tokens": progress.cached_tokens,
+        "gen_ai.response.finish_reasons": progress.finish_reasons,
     }
     if (job := outcome.job) is not None:
         attributes.update(
@@ -167,8 +115,7 @@ class _Rpc:
     async def observed(
         self, context: Context, client_request_id: str
     ) -> AsyncIterator[tuple[RequestTrace, _Outcome]]:
-        started = time.perf_counter()
-        outcome = _Outcome()
+        outcome = _Outcome(Progress.starting(context.time_remaining()))
         code, message = grpc.StatusCode.OK, ""
         trace = tracing.start(self.method, metadata(context), self.model)
         if trace.trace_id is not None:
@@ -189,7 +136,7 @@ class _Rpc:
             raise RequestError(code, message) from e
         except BaseException as e:  # cancelled, deadline, client gone
             # The client's own timer often cancels a moment before ours fires.
-            remaining = context.time_remaining()
+            remaining = outcome.progress.seconds_left()
             code = (
                 grpc.StatusCode.DEADLINE_EXCEEDED
                 if remaining is not None and remaining < DEADLINE_SLACK_S
@@ -210,7 +157,7 @@ class _Rpc:
                 logging.ERROR if failure else logging.INFO,
                 "request finished",
                 exc_info=failure,
-                extra=self._log_fields(outcome, client_request_id, code, started),
+                extra=self._log_fields(outcome, client_request_id, code),
             )
 
     def _record(
@@ -225,7 +172,7 @@ class _Rpc:
         job = outcome.job
         if job is not None:  # the rank that served it: a retry moves it after the headers
             context.set_trailing_metadata(
-                (*(context.trailing_metadata() or ()), *_route_metadata(job))
+                (*(context.trailing_metadata() or ()), *responses.route_metadata(job))
             )
         attributes = _span_attributes(outcome)
         if job is None and client_request_id:  # refused before it was routed
@@ -235,19 +182,19 @@ class _Rpc:
         self.dispatcher.metrics.finished(self.method, code.name)
 
     def _log_fields(
-        self, outcome: _Outcome, client_request_id: str, code: grpc.StatusCode, started: float
+        self, outcome: _Outcome, client_request_id: str, code: grpc.StatusCode
     ) -> dict[str, object]:
         """What the "request finished" log line says."""
-        job = outcome.job
+        job, progress = outcome.job, outcome.progress
         return {
             "method": self.method,
             "request_id": job.request_id if job else client_request_id or None,
             "rank": job.rank if job else None,
             "route": f"{job.route_policy}/{job.route_reason}" if job else None,
             "status": code.name,
-            "prompt_tokens": outcome.prompt_tokens,
-            "completion_tokens": outcome.completion_tokens,
-            "ms": round((time.perf_counter() - started) * 1000, 2),
+            "prompt_tokens": progress.prompt_tokens,
+            "completion_tokens": progress.completion_tokens,
+            "ms": round((time.monotonic() - progress.arrived) * 1000, 2),
             **outcome.fields,
         }
 
@@ -270,10 +217,9 @@ class _Rpc:
         with fleet.turns():  # a refused client is told its own time to come back
             with trace.stage("validate"):
                 admitted = await intake.admit(request, metadata(context), fleet)
-            job = self.dispatcher.prepare(admitted, trace, context.time_remaining())
+            job = self.dispatcher.prepare(admitted, trace, outcome.progress)
         outcome.job = job
-        outcome.prompt_tokens = len(job.prompt_token_ids)
-        headers = [*_route_metadata(job), ("x-request-id", job.request_id)]
+        headers = [*responses.route_metadata(job), ("x-request-id", job.request_id)]
         if (trace_id := trace.trace_id) is not None:
             headers.append((TRACE_ID_METADATA_KEY, trace_id))
         try:
@@ -282,7 +228,7 @@ class _Rpc:
             self.dispatcher.release(job, Outcome.FAILED)  # it will not run
             raise
         outcome.headers = asyncio.ensure_future(context.send_initial_metadata(headers))
-        outcome.deltas = self.dispatcher.run(job, context.time_remaining())
+        outcome.deltas = self.dispatcher.run(job)
         return job, outcome.deltas
 
 
@@ -299,25 +245,15 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                 job, deltas = await self._generate.start(request, context, trace, outcome)
                 first = True
                 async for delta in deltas:
-                    _check_deadline(context)
-                    _count(outcome, delta)
-                    response = generate_pb2.GenerateResponse(
-                        index=delta.index,
-                        text=delta.text,
-                        token_ids=delta.token_ids,
-                        logprobs=_logprobs(delta.logprobs),
-                        finish_reason=_FINISH_REASONS.get(
-                            delta.finish_reason or "", generate_pb2.FINISH_REASON_UNSPECIFIED
-                        ),
-                        stop_reason=delta.stop_reason,
-                    )
+                    _check_deadline(outcome.progress)
+                    response = responses.generate_response(delta)
                     if first:
                         await outcome.headers_sent()
                         response.data_parallel_rank = job.rank
                         response.request_id = job.request_id
                         first = False
                     if delta.finished:
-                        response.usage.CopyFrom(_usage(outcome))
+                        response.usage.CopyFrom(responses.usage(outcome.progress))
                     yield response
         except RequestError as e:
             await abort(context, e, self._generate.message(e))
@@ -333,24 +269,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                 job, deltas = await self._complete.start(request.request, context, trace, outcome)
                 choices: dict[int, generate_pb2.Choice] = {}
                 async for delta in deltas:
-                    _check_deadline(context)
-                    _count(outcome, delta)
-                    choice = choices.setdefault(delta.index, generate_pb2.Choice(index=delta.index))
-                    choice.text += delta.text
-                    choice.token_ids.extend(delta.token_ids)
-                    choice.logprobs.extend(_logprobs(delta.logprobs))
-                    if delta.finish_reason:
-                        choice.finish_reason = _FINISH_REASONS.get(
-                            delta.finish_reason, generate_pb2.FINISH_REASON_UNSPECIFIED
-                        )
-                        choice.stop_reason = delta.stop_reason
+                    _check_deadline(outcome.progress)
+                    responses.add_to_choice(choices, delta)
                 await outcome.headers_sent()
-                return generate_pb2.CompleteResponse(
-                    choices=[choices[i] for i in sorted(choices)],
-                    usage=_usage(outcome),
-                    data_parallel_rank=job.rank,
-                    request_id=job.request_id,
-                )
+                return responses.complete_response(choices, job, outcome.progress)
         except RequestError as e:
             await abort(context, e, self._complete.message(e))
             raise AssertionError("unreachable: abort raises") from e

@@ -1,15 +1,8 @@
 """One OpenTelemetry trace per request, exported over OTLP when the standard
-`OTEL_*` variables ask for it.
-
-Tracing is on when `OTEL_EXPORTER_OTLP_ENDPOINT` or
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (and `OTEL_SDK_DISABLED` is not
-true). The protocol follows `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` /
-`OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, the default, or `http/protobuf`); the
-sampler (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`), batch sizes and
-resource follow the SDK's own `OTEL_*` variables. When tracing is off the
-API's no-op tracer hands out non-recording spans, and everything here that
-builds attributes checks `is_recording()` first, so a request pays for a few
-no-op calls only.
+`OTEL_*` variables ask for it (`otlp.py`). When tracing is off the API's
+no-op tracer hands out non-recording spans, and everything here that builds
+attributes checks `is_recording()` first, so a request pays for a few no-op
+calls only.
 
 The tree of one request (attributes follow the OpenTelemetry GenAI and RPC
 semantic conventions where they have a name; `dprouter.*` where they do not):
@@ -21,8 +14,7 @@ semantic conventions where they have a name; `dprouter.*` where they do not):
         llm_request                        vLLM's own span (finished requests only)
 
 vLLM emits `llm_request` from the process that holds its engine client (the
-router) through the global tracer provider; ours is installed first, so
-vLLM's spans go through the same exporter and sampler as the router's.
+router) through the global tracer provider.
 """
 
 from __future__ import annotations
@@ -36,71 +28,20 @@ from contextlib import contextmanager
 import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from router.engine_types import EngineDelta, Sampling
+from router.engine_types import Sampling
 from router.errors import RequestError
-from router.ledger import RankLoad
+from router.ledger import Outcome, RankLoad
 from router.policies import Decision
+from router.progress import Progress
 
 _propagator = TraceContextTextMapPropagator()
-_provider: TracerProvider | None = None
 _tracer = trace.get_tracer("dprouter")
 # vLLM's name among GenAI providers (semantic conventions: any lowercase name).
 PROVIDER = "vllm"
-
-
-def _protocol() -> str:
-    return os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    )
-
-
-def _exporter() -> SpanExporter:
-    protocol = _protocol()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        return HttpExporter()
-    raise ValueError(f"unsupported OTLP protocol {protocol!r}: use grpc or http/protobuf")
-
-
-def setup() -> bool:
-    """Installs the OTLP exporter if the environment asks for one; True if so.
-    Call it before any engine client is made (vLLM installs a provider too)."""
-    global _provider
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    if traces_endpoint() is None:
-        return False
-    os.environ.setdefault("OTEL_SERVICE_NAME", "dprouter")
-    # The sampler comes from OTEL_TRACES_SAMPLER (default parentbased_always_on).
-    _provider = TracerProvider(resource=Resource.create())
-    _provider.add_span_processor(BatchSpanProcessor(_exporter()))
-    trace.set_tracer_provider(_provider)
-    return True
-
-
-def traces_endpoint() -> str | None:
-    """Where the OTLP exporter sends spans, as the OTEL_* variables say; the
-    engine args need it for vLLM to trace its requests at all."""
-    if endpoint := os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        return endpoint
-    if not (base := os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
-        return None
-    # The HTTP exporter appends the signal's path to the base endpoint itself.
-    return f"{base.rstrip('/')}/v1/traces" if _protocol() == "http/protobuf" else base
 
 
 # A traceparent with the sampled flag off: under the default parent-based
@@ -109,12 +50,6 @@ def traces_endpoint() -> str | None:
 UNSAMPLED_HEADERS: Mapping[str, str] = {
     "traceparent": f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
 }
-
-
-def shutdown() -> None:
-    """Flushes the spans still in the batch queue."""
-    if _provider is not None:
-        _provider.shutdown()
 
 
 def _incoming_context(metadata: Sequence[tuple[str, str | bytes]]) -> Context:
@@ -139,13 +74,14 @@ def _error(span: Span, error: BaseException) -> None:
 
 class Attempt:
     """The CLIENT span of one run of the request on one rank (GenAI's
-    inference span); vLLM's `llm_request` span is its child."""
+    inference span); vLLM's `llm_request` span is its child. It reads the
+    request's record (`progress.Progress`) when it ends: a job moves to
+    another rank only before its first token, so the tokens since the
+    attempt began are its own."""
 
-    def __init__(self, span: Span, started: float) -> None:
+    def __init__(self, span: Span, tokens_before: int) -> None:
         self.span = span
-        self._started = started  # the request's arrival (monotonic)
-        self._tokens = 0
-        self._finish_reasons: list[str] = []
+        self._tokens_before = tokens_before
 
     @property
     def headers(self) -> Mapping[str, str] | None:
@@ -156,32 +92,35 @@ class Attempt:
         _propagator.inject(carrier, context=trace.set_span_in_context(self.span))
         return carrier
 
-    def output(self, delta: EngineDelta) -> None:
-        if not self.span.is_recording():
-            return
-        if delta.token_ids and not self._tokens:
-            ttft = time.monotonic() - self._started
-            self.span.add_event("first_token", {"gen_ai.response.time_to_first_chunk": ttft})
-            self.span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
-        self._tokens += len(delta.token_ids)
-        if delta.finish_reason:
-            self._finish_reasons.append(delta.finish_reason)
-        if delta.finished:
-            self.span.set_attributes(
-                {
-                    "gen_ai.response.finish_reasons": self._finish_reasons,
-                    "gen_ai.usage.cache_read.input_tokens": delta.cached_tokens,
-                }
-            )
-
     def fail(self, error: BaseException) -> None:
         if self.span.is_recording():
             _error(self.span, error)
 
-    def end(self) -> None:
-        if self.span.is_recording():
-            self.span.set_attribute("gen_ai.usage.output_tokens", self._tokens)
-        self.span.end()
+    def end(self, progress: Progress) -> None:
+        span = self.span
+        if span.is_recording():
+            span.set_attribute(
+                "gen_ai.usage.output_tokens", progress.completion_tokens - self._tokens_before
+            )
+            if (ttft := progress.time_to_first_token) is not None and not self._tokens_before:
+                when = _epoch_ns(progress.arrived + ttft)
+                span.add_event(
+                    "first_token", {"gen_ai.response.time_to_first_chunk": ttft}, timestamp=when
+                )
+                span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
+            if progress.outcome is Outcome.SERVED:
+                span.set_attributes(
+                    {
+                        "gen_ai.response.finish_reasons": progress.finish_reasons,
+                        "gen_ai.usage.cache_read.input_tokens": progress.cached_tokens,
+                    }
+                )
+        span.end()
+
+
+def _epoch_ns(monotonic: float) -> int:
+    """A `time.monotonic()` reading as the wall clock's nanoseconds, as spans take them."""
+    return time.time_ns() - int((time.monotonic() - monotonic) * 1e9)
 
 
 class RequestTrace:
@@ -195,7 +134,6 @@ class RequestTrace:
     def __init__(self, span: Span, model: str) -> None:
         self.span = span
         self.model = model
-        self.started = time.monotonic()
         self._parent = trace.set_span_in_context(span)
 
     @property
@@ -274,7 +212,7 @@ class RequestTrace:
             span.set_attribute("dprouter.route.affinity_rank", decision.affinity_rank)
 
     def attempt(
-        self, rank: int, engine_request_id: str, sampling: Sampling, prompt_tokens: int
+        self, rank: int, engine_request_id: str, sampling: Sampling, progress: Progress
     ) -> Attempt:
         """Starts the span of one run on `rank`; the caller must `end` it."""
         span = self._child(f"text_completion {self.model}", SpanKind.CLIENT)
@@ -283,11 +221,11 @@ class RequestTrace:
             span.set_attributes(
                 {
                     "gen_ai.response.id": engine_request_id,
-                    "gen_ai.usage.input_tokens": prompt_tokens,
+                    "gen_ai.usage.input_tokens": progress.prompt_tokens,
                     "vllm.data_parallel_rank": rank,
                 }
             )
-        return Attempt(span, self.started)
+        return Attempt(span, progress.completion_tokens)
 
     def end(
         self, code: grpc.StatusCode, message: str, attributes: Mapping[str, AttributeValue]

@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2
 
 from router import admission
 from router.admission import Ask, QueueLimits
+from router.backlog import completion_times
 from router.errors import RequestError
 from router.ledger import Backlog, Ledger, Outcome, RankState
 from router.pace import MIN_STEPS, Pace, StepTimes
@@ -43,21 +44,21 @@ def test_full_ranks_are_skipped_and_all_full_is_resource_exhausted() -> None:
 
 def test_completion_times_play_the_backlog_out_over_the_slots() -> None:
     no_pace = Backlog(Pace(), 2, [(0, 10, 0.0, 0)], [])
-    assert admission.completion_times(no_pace) is None
+    assert completion_times(no_pace) is None
     # Two running: 100 tokens, half of them out in 2 s, at half the rank's
     # pace (by it: 2 s left; by the rank's: none; half of each: 1 s); 20
     # tokens, just started, none out (the rank's pace: 0.2 s). Then two
     # waiting take the slots as they free: a 1,000-token prompt and 50
     # tokens (1.5 s), then 10 tokens (0.1 s).
     backlog = Backlog(PACE, 2, [(0, 100, 2.0, 50), (0, 20, 0.0, 0)], [(1000, 50), (0, 10)])
-    ends = admission.completion_times(backlog)
+    ends = completion_times(backlog)
     assert ends == pytest.approx([0.2, 1.0, 1.1, 1.7])
     # With a third slot the first waiting one starts at once, in its prefill.
     third = dataclasses.replace(backlog, slots=3)
-    assert admission.completion_times(third) == pytest.approx([0.2, 0.3, 1.0, 1.5])
+    assert completion_times(third) == pytest.approx([0.2, 0.3, 1.0, 1.5])
     # One past its expected end with no output yet is taken to end within a token.
     overdue = Backlog(PACE, 2, [(0, 10, 5.0, 0)], [])
-    assert admission.completion_times(overdue) == pytest.approx([0.01])
+    assert completion_times(overdue) == pytest.approx([0.01])
 
 
 def test_retry_delay_is_when_a_slot_frees_up() -> None:

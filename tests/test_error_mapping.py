@@ -19,6 +19,7 @@ from router.engine_types import EngineDelta, EngineRequest
 from router.errors import RequestError
 from router.fleet import build as build_fleet
 from router.metrics import Metrics
+from router.progress import Progress
 from router.ranks import RankNotJoined
 from router.vllm_compat import EngineClientError, EngineDeadError
 
@@ -52,7 +53,7 @@ def dispatcher_over(pool: StandInRank) -> Dispatcher:
 
 async def prepared(dispatcher: Dispatcher, request: generate_pb2.GenerateRequest) -> Job:
     admitted = await intake.admit(request, (), dispatcher.fleet())
-    return dispatcher.prepare(admitted, tracing.start("test", (), "test"), None)
+    return dispatcher.prepare(admitted, tracing.start("test", (), "test"), Progress.starting(None))
 
 
 ERRORS: list[tuple[Exception, grpc.StatusCode, str]] = [
@@ -79,7 +80,7 @@ async def test_an_engine_error_mid_stream_maps_to_its_status_and_frees_the_rank(
 
     deltas = []
     with pytest.raises(RequestError) as raised:
-        async for delta in dispatcher.run(job, None):
+        async for delta in dispatcher.run(job):
             deltas.append(delta)
     assert len(deltas) == 1  # the error came after the stream had begun
     assert raised.value.code == code
@@ -105,5 +106,5 @@ async def test_the_request_priority_reaches_the_rank() -> None:
             prompt="hello", priority=priority, sampling=generate_pb2.SamplingParams(max_tokens=2)
         )
         job = await prepared(dispatcher, request)
-        assert len([delta async for delta in dispatcher.run(job, None)]) == 2
+        assert len([delta async for delta in dispatcher.run(job)]) == 2
     assert pool.priorities == [0, -3, 7]

@@ -4,6 +4,7 @@ on the session cluster; and the token timings on plain data."""
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 
 import grpc
@@ -13,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 from router.engine_types import EngineDelta
+from router.ledger import Outcome
 from router.metrics import Metrics
+from router.progress import Progress
 from tests.conftest import LONG_TOKENS
 
 GENERATE = "dprouter.v1.GenerateService/Generate"
@@ -69,8 +72,7 @@ async def test_scrape_counts_known_traffic(
     assert grew("dprouter_output_tokens_total", rank="1") == 15
     assert grew("dprouter_time_to_first_token_seconds_count", rank="1") == 3
     assert grew("dprouter_time_to_first_token_seconds_sum", rank="1") > 0
-    # 5 tokens have 4 gaps between them.
-    assert grew("dprouter_inter_token_latency_seconds_count", rank="1") == 12
+    assert grew("dprouter_time_per_output_token_seconds_count", rank="1") == 3
     # Read from the ledger at scrape time.
     assert grew("dprouter_rank_requests_total", rank="1", outcome="served") == 3
     assert value(after, "dprouter_rank_in_flight", rank="1") == 0
@@ -99,17 +101,29 @@ async def test_scrape_shows_in_flight_requests_and_drained_ranks(
     assert value(after, "dprouter_rank_state", rank="0", state="serving") == 1
 
 
-def delta(index: int, tokens: int) -> EngineDelta:
-    return EngineDelta(index, "", list(range(tokens)), [], None, "", False, 0)
+def delta(index: int, tokens: int, finished: bool = False) -> EngineDelta:
+    return EngineDelta(index, "", list(range(tokens)), [], None, "", finished, 0)
 
 
-def test_inter_token_gaps_count_each_token_once_per_choice() -> None:
-    """A delta of k tokens is k gaps, except a choice's first token."""
+def test_a_request_is_timed_once_from_its_record() -> None:
+    """Tokens are counted per message; the time to first token and per
+    output token once, when the request ends, from its record."""
     metrics = Metrics()
-    timer = metrics.stream(arrived=0.0)
+    progress = Progress(arrived=time.monotonic())
     for index, tokens in [(0, 1), (1, 2), (0, 3), (1, 1), (0, 0)]:
-        timer.output(rank=2, delta=delta(index, tokens))
+        progress.output(delta(index, tokens))
+        metrics.output(2, tokens)
+    progress.output(delta(0, 0, finished=True))
+    assert progress.completion_tokens == 7 and progress.outcome is Outcome.SERVED
+    metrics.ended(2, progress)
     samples = parse(generate_latest(metrics.registry).decode())
     assert value(samples, "dprouter_time_to_first_token_seconds_count", rank="2") == 1
     assert value(samples, "dprouter_output_tokens_total", rank="2") == 7
-    assert value(samples, "dprouter_inter_token_latency_seconds_count", rank="2") == 7 - 2
+    assert value(samples, "dprouter_time_per_output_token_seconds_count", rank="2") == 1
+    # Choice 0: 4 tokens, choice 1: 3; the mean of their gaps.
+    (first0, last0, count0), (first1, last1, count1) = progress.choices.values()
+    assert (count0, count1) == (4, 3)
+    expected = ((last0 - first0) / 3 + (last1 - first1) / 2) / 2
+    assert value(samples, "dprouter_time_per_output_token_seconds_sum", rank="2") == pytest.approx(
+        expected
+    )

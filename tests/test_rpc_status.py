@@ -26,6 +26,7 @@ from router.fleet import build as build_fleet
 from router.intake import Admitted
 from router.ledger import Outcome
 from router.metrics import Metrics
+from router.progress import Progress
 from router.service import GenerateServicer
 from tests.test_metrics import parse, value
 
@@ -56,7 +57,7 @@ class FailingDispatcher:
     def fleet(self) -> Fleet:
         return self._fleet
 
-    def prepare(self, admitted: Admitted, trace: object, deadline_s: float | None) -> Any:
+    def prepare(self, admitted: Admitted, trace: object, progress: Progress) -> Any:
         if self.error is not None:
             raise self.error
         return self.job
@@ -64,7 +65,7 @@ class FailingDispatcher:
     def release(self, job: Any, outcome: Outcome) -> None:
         self.released.append(outcome)
 
-    async def run(self, job: Any, deadline_s: float | None) -> AsyncGenerator[EngineDelta, None]:
+    async def run(self, job: Any) -> AsyncGenerator[EngineDelta, None]:
         await asyncio.sleep(self.hold_s)
         yield EngineDelta(
             index=0, text="x", token_ids=[7], logprobs=[], finish_reason="length",

@@ -332,11 +332,11 @@ def test_otlp_over_http_follows_the_standard_variables(
     receiver, port = http_receiver
     script = (
         "import grpc\n"
-        "from router import tracing\n"
-        "assert tracing.setup()\n"
-        "print(tracing.traces_endpoint())\n"
+        "from router import otlp, tracing\n"
+        "assert otlp.setup()\n"
+        "print(otlp.traces_endpoint())\n"
         "tracing.start('over-http', (), 'm').end(grpc.StatusCode.OK, '', {})\n"
-        "tracing.shutdown()\n"
+        "otlp.shutdown()\n"
     )
     env = {
         **os.environ,

@@ -123,18 +123,14 @@ def random_llama(out: Path, dtype: torch.dtype, **shape: Any) -> None:
 
 
 def build_tiny(out: Path) -> None:
+    # head_dim 64: the CPU attention backend rejects 16. Wide weights make
+    # logits far apart, so greedy output does not flip with the float rounding
+    # of different batch shapes (tests compare outputs).
+    shape = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
     random_llama(
-        out,
-        torch.float32,
-        hidden_size=128,
-        num_attention_heads=2,  # head_dim 64: the CPU attention backend rejects 16
-        num_key_value_heads=1,
-        num_hidden_layers=2,
-        intermediate_size=256,
-        # Wide weights make logits far apart, so greedy output does not flip with
-        # the float rounding of different batch shapes (tests compare outputs).
+        out, torch.float32, **shape, num_hidden_layers=2, intermediate_size=256,
         initializer_range=0.5,
-    )
+    )  # fmt: skip
 
 
 def build_smollm2(out: Path) -> None:
@@ -161,16 +157,8 @@ def build_smollm2(out: Path) -> None:
 
 def build_llama_1b(out: Path) -> None:
     """A 1.0 B Llama in bfloat16: the GPU benchmark's model."""
-    random_llama(
-        out,
-        torch.bfloat16,
-        hidden_size=2048,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        num_hidden_layers=16,
-        intermediate_size=8192,
-    )
+    shape = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    random_llama(out, torch.bfloat16, **shape, num_hidden_layers=16, intermediate_size=8192)
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {

@@ -55,7 +55,7 @@ class _RequestStats(PrometheusStatLogger):
     It poses as vLLM's Prometheus logger so that vLLM adds no real one: that
     one re-creates its metrics in the process's global registry, and two
     clients made at once (independent ranks joining together) raced there:
-    DuplicateTimeseries, and a rank that never joined (CI, 2026-11-26)."""
+    DuplicateTimeseries, and a rank that never joined."""
 
     def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
         pass

@@ -16,18 +16,7 @@ from typing import Unpack
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dprouter.calls import (
-    DEFAULT_ADDRESS,
-    DEFAULT_TIMEOUT_S,
-    MAX_ATTEMPTS,
-    Prompt,
-    RequestOptions,
-    Route,
-    build_request,
-    call_metadata,
-    channel_options,
-    status_name,
-)
+from dprouter import calls
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
 
 
@@ -44,8 +33,8 @@ class AsyncStream:
     def __aiter__(self) -> AsyncIterator[generate_pb2.GenerateResponse]:
         return self._call.__aiter__()
 
-    async def route(self) -> Route:
-        return Route.from_metadata(await self._call.initial_metadata())
+    async def route(self) -> calls.Route:
+        return calls.Route.from_metadata(await self._call.initial_metadata())
 
     def cancel(self) -> None:
         """Stops the generation; the router aborts it in the engine."""
@@ -60,64 +49,40 @@ class AsyncClient:
     answered are retried (see `calls.channel_options`)."""
 
     def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        attempts: int = MAX_ATTEMPTS,
+        self, address: str = calls.DEFAULT_ADDRESS, **options: Unpack[calls.ClientOptions]
     ) -> None:
         self.address = address
-        self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(attempts))
+        self.timeout, channel = calls.client_settings(options)
+        self.channel = grpc.aio.insecure_channel(address, options=channel)
         self._generate = generate_pb2_grpc.GenerateServiceStub(self.channel)
         self._ranks = ranks_pb2_grpc.RanksServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        traceparent: str | None = None,
-        timeout: float | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> AsyncStream:
-        request = build_request(prompt, **options)
+    def generate(self, prompt: calls.Prompt, **options: Unpack[calls.CallOptions]) -> AsyncStream:
         call = self._generate.Generate(
-            request,
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=call_metadata(traceparent),
+            calls.build_request(prompt, options), **calls.call_settings(options, self.timeout)
         )
         return AsyncStream(call)
 
     async def complete(
-        self,
-        prompt: Prompt,
-        *,
-        traceparent: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (the gRPC deadline, enforced by the router too)
-        **options: Unpack[RequestOptions],
-    ) -> tuple[generate_pb2.CompleteResponse, Route]:
-        request = build_request(prompt, **options)
-        call = self._generate.Complete(
-            generate_pb2.CompleteRequest(request=request),
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=call_metadata(traceparent),
-        )
-        response = await call
-        return response, Route.from_metadata(await call.initial_metadata())
+        self, prompt: calls.Prompt, **options: Unpack[calls.CallOptions]
+    ) -> tuple[generate_pb2.CompleteResponse, calls.Route]:
+        request = generate_pb2.CompleteRequest(request=calls.build_request(prompt, options))
+        call = self._generate.Complete(request, **calls.call_settings(options, self.timeout))
+        return await call, calls.Route.from_metadata(await call.initial_metadata())
 
     async def health(self, service: str = "") -> str:
         """The Health status of `service` ("", "dprouter.v1.GenerateService", "rank/N")."""
         reply = await self._health.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
         )
-        return status_name(reply.status)
+        return calls.status_name(reply.status)
 
     async def watch_health(self, service: str = "") -> AsyncGenerator[str]:
         """The Health status of `service` now and on every change, until cancelled
         (no deadline)."""
         async for reply in self._health.Watch(health_pb2.HealthCheckRequest(service=service)):
-            yield status_name(reply.status)
+            yield calls.status_name(reply.status)
 
     async def ranks(self) -> list[ranks_pb2.RankStatus]:
         reply = await self._ranks.ListRanks(ranks_pb2.ListRanksRequest(), timeout=self.timeout)

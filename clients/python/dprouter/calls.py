@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import TypedDict
 
 from grpc_health.v1 import health_pb2
 
@@ -58,9 +58,33 @@ class RequestOptions(TypedDict, total=False):
     request_id: str
 
 
-def build_request(
-    prompt: Prompt, **options: Unpack[RequestOptions]
-) -> generate_pb2.GenerateRequest:
+class CallOptions(RequestOptions, total=False):
+    """The keyword arguments of a client's `generate` and `complete`: the
+    request's fields, and the call's own."""
+
+    # A W3C traceparent: the router's span becomes a child of the caller's.
+    traceparent: str | None
+    # Seconds, the call's deadline; the client's `timeout` where unset.
+    timeout: float | None
+
+
+class CallSettings(TypedDict):
+    """What a stub's call takes besides its request."""
+
+    timeout: float
+    metadata: Metadata
+
+
+class ClientOptions(TypedDict, total=False):
+    """A client's keyword arguments."""
+
+    # Seconds, the deadline of each call (all its attempts); default 60.
+    timeout: float
+    # Tries of a call refused with UNAVAILABLE before the router answered; default 5.
+    attempts: int
+
+
+def build_request(prompt: Prompt, options: RequestOptions) -> generate_pb2.GenerateRequest:
     """A GenerateRequest; the options override a given request's fields."""
     if isinstance(prompt, generate_pb2.GenerateRequest):
         request = generate_pb2.GenerateRequest()
@@ -80,9 +104,20 @@ def build_request(
     return request
 
 
-def call_metadata(traceparent: str | None) -> Metadata:
-    """Request metadata: a W3C `traceparent` makes the router's span a child of the caller's."""
-    return (("traceparent", traceparent),) if traceparent else ()
+def call_settings(options: CallOptions, default_timeout: float) -> CallSettings:
+    """A call's deadline and its metadata (a W3C `traceparent` makes the
+    router's span a child of the caller's)."""
+    timeout, traceparent = options.get("timeout"), options.get("traceparent")
+    return CallSettings(
+        timeout=default_timeout if timeout is None else timeout,
+        metadata=(("traceparent", traceparent),) if traceparent else (),
+    )
+
+
+def client_settings(options: ClientOptions) -> tuple[float, list[tuple[str, str | int]]]:
+    """A client's default deadline, and its channel's options."""
+    timeout = options.get("timeout", DEFAULT_TIMEOUT_S)
+    return timeout, channel_options(options.get("attempts", MAX_ATTEMPTS))
 
 
 def channel_options(attempts: int) -> list[tuple[str, str | int]]:

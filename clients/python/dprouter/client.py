@@ -18,14 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dprouter.calls import (
     DEFAULT_ADDRESS,
-    DEFAULT_TIMEOUT_S,
-    MAX_ATTEMPTS,
+    CallOptions,
+    ClientOptions,
     Prompt,
-    RequestOptions,
     Route,
     build_request,
-    call_metadata,
-    channel_options,
+    call_settings,
+    client_settings,
     status_name,
 )
 from dprouter.v1 import generate_pb2, generate_pb2_grpc, ranks_pb2, ranks_pb2_grpc
@@ -54,48 +53,24 @@ class Client:
     the blocking twin of `dprouter.aio.AsyncClient` (same calls, deadlines
     and retries)."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        *,
-        timeout: float = DEFAULT_TIMEOUT_S,
-        attempts: int = MAX_ATTEMPTS,
-    ) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, **options: Unpack[ClientOptions]) -> None:
         self.address = address
-        self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=channel_options(attempts))
+        self.timeout, channel = client_settings(options)
+        self.channel = grpc.insecure_channel(address, options=channel)
         self._generate = generate_pb2_grpc.GenerateServiceStub(self.channel)
         self._ranks = ranks_pb2_grpc.RanksServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        traceparent: str | None = None,
-        timeout: float | None = None,
-        **options: Unpack[RequestOptions],
-    ) -> Stream:
-        call = self._generate.Generate(
-            build_request(prompt, **options),
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=call_metadata(traceparent),
-        )
-        return Stream(call)
+    def generate(self, prompt: Prompt, **options: Unpack[CallOptions]) -> Stream:
+        request = build_request(prompt, options)
+        return Stream(self._generate.Generate(request, **call_settings(options, self.timeout)))
 
     def complete(
-        self,
-        prompt: Prompt,
-        *,
-        traceparent: str | None = None,
-        timeout: float | None = None,
-        **options: Unpack[RequestOptions],
+        self, prompt: Prompt, **options: Unpack[CallOptions]
     ) -> tuple[generate_pb2.CompleteResponse, Route]:
-        response, call = self._generate.Complete.with_call(
-            generate_pb2.CompleteRequest(request=build_request(prompt, **options)),
-            timeout=self.timeout if timeout is None else timeout,
-            metadata=call_metadata(traceparent),
-        )
+        request = generate_pb2.CompleteRequest(request=build_request(prompt, options))
+        call_with = self._generate.Complete.with_call
+        response, call = call_with(request, **call_settings(options, self.timeout))
         return response, Route.from_metadata(call.initial_metadata())
 
     def health(self, service: str = "") -> str:
