@@ -149,10 +149,8 @@ class Fleet:
                 raise admission.all_full(loads, self.queue_limits, self._ends)
             rank = decision.rank
         else:
-            candidates = [
-                policies.Candidate(load.rank, policies.load_score(load)) for load in loads
-            ]
-            decision = policies.Decision(pin.rank, PIN_POLICY, pin.field, candidates)
+            explain = policies.scored(loads)
+            decision = policies.Decision(pin.rank, PIN_POLICY, pin.field, explain)
             rank = pin.rank
         if deadline_s is None:
             return rank, decision
@@ -194,7 +192,7 @@ class Fleet:
             other = self._deadline_refusal(load, ask, deadline_s)
             if other is None:
                 moved = policies.Decision(
-                    load.rank, decision.policy, DEADLINE_REASON, decision.candidates
+                    load.rank, decision.policy, DEADLINE_REASON, decision.explain
                 )
                 return load.rank, moved
             refusals.append(other)

@@ -31,6 +31,7 @@ from router.policies.base import (
     Policy,
     RouteInput,
     load_score,
+    scored,
 )
 from router.policies.load import LeastLoaded, PowerOfTwo, RoundRobin
 
@@ -51,6 +52,7 @@ __all__ = [
     "block_hashes",
     "load_score",
     "make_policy",
+    "scored",
 ]
 
 POLICIES = ("affinity", "least_loaded", "power_of_two", "prefix", "round_robin", "session")

@@ -5,8 +5,9 @@ bounded loads), the rank holding the longest known prefix of the prompt
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from router.ledger import RankLoad
 from router.policies.base import (
@@ -64,17 +65,17 @@ class SessionAffinity:
             decision = self._least_loaded.decide(request, loads)
             if decision.rank is None:
                 return decision
-            return Decision(
-                decision.rank, self.name, "no_session_key", decision.candidates,
-                commit=decision.commit,
-            )  # fmt: skip
+            return dataclasses.replace(decision, policy=self.name, reason="no_session_key")
         serving = serving_loads(loads)
         bound = load_bound(serving, self._load_factor) if serving else 0
         by_rank = {load.rank: load for load in serving}
-        candidates = [
-            Candidate(load.rank, load_score(load), within_load_bound=load.in_flight + 1 <= bound)
-            for load in serving
-        ]
+
+        def explain() -> list[Candidate]:
+            return [
+                Candidate(load.rank, load_score(load), within_load_bound=load.in_flight < bound)
+                for load in serving
+            ]
+
         home: int | None = None
         for rank in self.ring_walk(request.session_key):
             load = by_rank.get(rank)
@@ -82,10 +83,10 @@ class SessionAffinity:
                 continue
             if home is None:
                 home = rank
-            if load.in_flight + 1 <= bound:
+            if load.in_flight < bound:
                 reason = "session_home" if rank == home else "session_spill"
-                return Decision(rank, self.name, reason, candidates, affinity_rank=home)
-        return Decision(None, self.name, "no rank is serving", candidates)
+                return Decision(rank, self.name, reason, explain, affinity_rank=home)
+        return Decision(None, self.name, "no rank is serving", explain)
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
@@ -102,27 +103,40 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 class PrefixIndex:
     """Per rank, the prompt blocks recently sent there, least recently used
-    first: the router's picture of each rank's prefix cache."""
+    first: the router's picture of each rank's prefix cache; and per block,
+    the ranks holding it, so that a prompt is matched against the ranks that
+    share its first block, not every rank."""
 
     def __init__(self, ranks: int, blocks_per_rank: int) -> None:
         self._blocks: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(ranks)]
+        self._holders: dict[int, set[int]] = {}
         self._capacity = blocks_per_rank
 
-    def match(self, hashes: Sequence[int], rank: int) -> int:
-        """How many leading blocks of the prompt the rank holds."""
-        blocks = self._blocks[rank]
-        for i, h in enumerate(hashes):
-            if h not in blocks:
-                return i
-        return len(hashes)
+    def matches(self, hashes: Sequence[int]) -> dict[int, int]:
+        """How many leading blocks of the prompt each rank holds, for the
+        ranks that hold one or more."""
+        found: dict[int, int] = {}
+        holding = set(self._holders.get(hashes[0], ())) if hashes else set()
+        for i, h in enumerate(hashes[1:], start=1):
+            still = holding & self._holders.get(h, set())
+            for rank in holding - still:
+                found[rank] = i
+            if not (holding := still):
+                return found
+        return found | dict.fromkeys(holding, len(hashes))
 
     def remember(self, hashes: Sequence[int], rank: int) -> None:
         blocks = self._blocks[rank]
         for h in hashes:
             blocks[h] = None
             blocks.move_to_end(h)
+            self._holders.setdefault(h, set()).add(rank)
         while len(blocks) > self._capacity:
-            blocks.popitem(last=False)
+            h, _ = blocks.popitem(last=False)
+            holders = self._holders[h]
+            holders.discard(rank)
+            if not holders:
+                del self._holders[h]
 
 
 class PrefixAffinity:
@@ -145,47 +159,56 @@ class PrefixAffinity:
         self._least_loaded = LeastLoaded()
 
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
+        return self.decide_blocks(block_hashes(request.prompt_token_ids, self.block_size), loads)
+
+    def decide_blocks(self, hashes: list[int], loads: Sequence[RankLoad]) -> Decision:
+        """`decide` for a prompt whose block hashes are known."""
         serving = serving_loads(loads)
         if not serving:
-            return Decision(None, self.name, "no rank is serving", [])
-        hashes = block_hashes(request.prompt_token_ids, self.block_size)
+            return Decision(None, self.name, "no rank is serving")
         bound = load_bound(serving, self._load_factor)
-        matches = {load.rank: self._index.match(hashes, load.rank) for load in serving}
-        candidates = [
-            Candidate(
-                load.rank,
-                load_score(load),
-                prefix_match_tokens=matches[load.rank] * self.block_size,
-                within_load_bound=load.in_flight + 1 <= bound,
-            )
-            for load in serving
-        ]
-        within = [load for load in serving if load.in_flight + 1 <= bound]
+        matches = self._index.matches(hashes)
+        scores = [load_score(load) for load in serving]
+        explain = self.explain(serving, matches, bound, scores)
         # The longest match; among equal matches, the least loaded.
-        best = min(serving, key=lambda load: (-matches[load.rank], load_score(load)))
-        home = best.rank if matches[best.rank] else None
-        if home is None:  # nothing to stay near: the least loaded, bound or not
-            rank, tie_break = self._least_loaded.pick(serving)
+        longest = max((matches.get(load.rank, 0) for load in serving), default=0)
+        if not longest:  # nothing to stay near: the least loaded, bound or not
+            home = None
+            rank, tie_break = self._least_loaded.pick(serving, scores)
             reason = "prefix_miss"
-        elif best in within:
-            rank, reason, tie_break = home, "prefix_hit", no_commit
         else:
-            rank, tie_break = self._least_loaded.pick(within)
-            reason = "prefix_spill"
+            top = [i for i, load in enumerate(serving) if matches.get(load.rank) == longest]
+            best = serving[min(top, key=scores.__getitem__)]
+            home = best.rank
+            if best.in_flight < bound:
+                rank, reason, tie_break = home, "prefix_hit", no_commit
+            else:
+                within = [i for i, load in enumerate(serving) if load.in_flight < bound]
+                rank, tie_break = self._least_loaded.pick(
+                    [serving[i] for i in within], [scores[i] for i in within]
+                )
+                reason = "prefix_spill"
 
         def commit() -> None:
             tie_break()
             self.remember(hashes, rank)
 
-        return Decision(
-            rank,
-            self.name,
-            reason,
-            candidates,
-            prefix_match_tokens=matches[rank] * self.block_size,
-            affinity_rank=home,
-            commit=commit,
-        )
+        match_tokens = matches.get(rank, 0) * self.block_size
+        return Decision(rank, self.name, reason, explain, match_tokens, home, commit)
+
+    def explain(
+        self, serving: list[RankLoad], matches: dict[int, int], bound: int, scores: list[float]
+    ) -> Callable[[], list[Candidate]]:
+        """The candidates of a decision, made when asked."""
+        size = self.block_size
+        return lambda: [
+            Candidate(load.rank, score, matches.get(load.rank, 0) * size, load.in_flight < bound)
+            for load, score in zip(serving, scores, strict=True)
+        ]
+
+    def matches(self, hashes: Sequence[int]) -> dict[int, int]:
+        """Per rank holding the prompt's first block, how many it holds."""
+        return self._index.matches(hashes)
 
     def remember(self, hashes: Sequence[int], rank: int) -> None:
         """The rank now holds these blocks (vLLM caches a prompt's full blocks)."""
@@ -205,27 +228,26 @@ class Affinity:
         self._prefix = prefix
 
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
-        by_prefix = self._prefix.decide(request, loads)
+        hashes = block_hashes(request.prompt_token_ids, self._prefix.block_size)
         if not request.session_key:
-            return Decision(
-                by_prefix.rank, self.name, by_prefix.reason, by_prefix.candidates,
-                by_prefix.prefix_match_tokens, by_prefix.affinity_rank, by_prefix.commit,
-            )  # fmt: skip
+            return dataclasses.replace(self._prefix.decide_blocks(hashes, loads), policy=self.name)
         by_session = self._session.decide(request, loads)
         rank = by_session.rank
         if rank is None:
             return by_session
         # Record the prompt's blocks on the session's rank, not the prefix's pick.
-        hashes = block_hashes(request.prompt_token_ids, self._prefix.block_size)
-        match = next((c.prefix_match_tokens for c in by_prefix.candidates if c.rank == rank), 0)
-        candidates = [
-            Candidate(s.rank, s.score, p.prefix_match_tokens, s.within_load_bound)
-            for s, p in zip(by_session.candidates, by_prefix.candidates, strict=True)
-        ]
+        matches, size = self._prefix.matches(hashes), self._prefix.block_size
+
+        def explain() -> list[Candidate]:
+            return [
+                dataclasses.replace(c, prefix_match_tokens=matches.get(c.rank, 0) * size)
+                for c in by_session.candidates
+            ]
 
         def commit() -> None:
             self._prefix.remember(hashes, rank)
 
+        match = matches.get(rank, 0) * size
         return Decision(
-            rank, self.name, by_session.reason, candidates, match, by_session.affinity_rank, commit
+            rank, self.name, by_session.reason, explain, match, by_session.affinity_rank, commit
         )

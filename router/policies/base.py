@@ -40,15 +40,25 @@ def no_commit() -> None:
     pass
 
 
+def no_candidates() -> list[Candidate]:
+    return []
+
+
 @dataclass(frozen=True)
 class Decision:
     rank: int | None  # None: no rank takes requests
     policy: str
     reason: str
-    candidates: list[Candidate]
+    # What it weighed for each serving rank, worked out only when asked
+    # (ExplainRoute, a recording span): most decisions never are.
+    explain: Callable[[], list[Candidate]] = field(default=no_candidates, compare=False)
     prefix_match_tokens: int = 0  # on the chosen rank
     affinity_rank: int | None = None  # where the session or prefix pointed, before any spill
     commit: Callable[[], None] = field(default=no_commit, compare=False)
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return self.explain()
 
     @property
     def affinity_hit(self) -> bool:
@@ -89,6 +99,20 @@ def takes_requests(load: RankLoad) -> bool:
 def serving_loads(loads: Sequence[RankLoad]) -> list[RankLoad]:
     """The ranks that take new requests: serving, and not at their queue bound."""
     return [load for load in loads if takes_requests(load)]
+
+
+def scored(loads: Sequence[RankLoad]) -> Callable[[], list[Candidate]]:
+    """The candidates of a policy that weighs load alone."""
+    return lambda: [Candidate(load.rank, load_score(load)) for load in loads]
+
+
+def least_loaded(scores: Sequence[float], start: int) -> int:
+    """The index of the lowest score; among equal ones the first at or after
+    `start`, round the list: ties rotate, so an idle pool still spreads."""
+    low = min(scores)
+    ties = [i for i, score in enumerate(scores) if score == low]
+    start %= len(scores)
+    return next((i for i in ties if i >= start), ties[0])
 
 
 def load_bound(serving: Sequence[RankLoad], load_factor: float) -> int:

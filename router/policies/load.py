@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 
 from router.ledger import RankLoad
 from router.policies.base import (
-    Candidate,
     Decision,
     RouteInput,
+    least_loaded,
     load_score,
+    scored,
     serving_loads,
     takes_requests,
 )
@@ -26,12 +27,13 @@ class LeastLoaded:
     def __init__(self) -> None:
         self._start = 0
 
-    def pick(self, candidates: Sequence[RankLoad]) -> tuple[int, Callable[[], None]]:
-        """The least loaded of `candidates` (not empty), and the commit that
-        moves the tie-break on."""
+    def pick(
+        self, candidates: Sequence[RankLoad], scores: Sequence[float]
+    ) -> tuple[int, Callable[[], None]]:
+        """The least loaded of `candidates` (not empty; `scores` their
+        `load_score`s), and the commit that moves the tie-break on."""
         n = len(candidates)
-        best = min(range(n), key=lambda i: (load_score(candidates[i]), (i - self._start) % n))
-        chosen = candidates[best].rank
+        chosen = candidates[least_loaded(scores, self._start)].rank
 
         def commit() -> None:
             self._start = (self._start + 1) % n
@@ -40,11 +42,10 @@ class LeastLoaded:
 
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
         serving = serving_loads(loads)
-        candidates = [Candidate(load.rank, load_score(load)) for load in serving]
         if not serving:
-            return Decision(None, self.name, "no rank is serving", candidates)
-        rank, commit = self.pick(serving)
-        return Decision(rank, self.name, "least_loaded", candidates, commit=commit)
+            return Decision(None, self.name, "no rank is serving")
+        rank, commit = self.pick(serving, [load_score(load) for load in serving])
+        return Decision(rank, self.name, "least_loaded", scored(serving), commit=commit)
 
 
 class RoundRobin:
@@ -56,7 +57,7 @@ class RoundRobin:
         self._next = 0
 
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
-        candidates = [Candidate(load.rank, load_score(load)) for load in serving_loads(loads)]
+        explain = scored(serving_loads(loads))
         for step in range(len(loads)):
             rank = (self._next + step) % len(loads)
             if takes_requests(loads[rank]):
@@ -64,8 +65,8 @@ class RoundRobin:
                 def commit(rank: int = rank) -> None:
                     self._next = rank + 1
 
-                return Decision(rank, self.name, "next_in_turn", candidates, commit=commit)
-        return Decision(None, self.name, "no rank is serving", candidates)
+                return Decision(rank, self.name, "next_in_turn", explain, commit=commit)
+        return Decision(None, self.name, "no rank is serving", explain)
 
 
 def stable_hash(text: str) -> int:
@@ -86,7 +87,7 @@ class PowerOfTwo:
     def decide(self, request: RouteInput, loads: Sequence[RankLoad]) -> Decision:
         serving = serving_loads(loads)
         if not serving:
-            return Decision(None, self.name, "no rank is serving", [])
+            return Decision(None, self.name, "no rank is serving")
         # The draw is a hash of a counter that only commit moves on, so a dry
         # run (ExplainRoute) names the same two ranks as the next real request.
         n = len(serving)
@@ -99,5 +100,4 @@ class PowerOfTwo:
         def commit() -> None:
             self._draws += 1
 
-        candidates = [Candidate(load.rank, load_score(load)) for load in drawn]
-        return Decision(best.rank, self.name, "less_loaded_of_two", candidates, commit=commit)
+        return Decision(best.rank, self.name, "less_loaded_of_two", scored(drawn), commit=commit)
