@@ -141,17 +141,23 @@ def cluster(
 # The default model's ranks run this many requests at once (a full context
 # each fits their KV cache).
 SMOLLM2_MAX_NUM_SEQS = 4
+SMOLLM2_CONTEXT = 2048  # make run's --max-model-len
 
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Two ranks of the default model of `make run`, at its context of 2,048
-    tokens: a full-context prompt is one engine step of several seconds here."""
+    tokens: a full-context prompt is one engine step of seconds here, and a
+    step may hold as many as the engine runs (its token budget)."""
     spec = ClusterSpec(
         model=str(SMOLLM2_MODEL),
         listen=f"127.0.0.1:{free_port()}",
         rpc_port=free_ports(2),
-        engine_flags=[*ENGINE_FLAGS_GIVEN, "--max-num-seqs", str(SMOLLM2_MAX_NUM_SEQS)],
+        engine_flags=[
+            *ENGINE_FLAGS_GIVEN,
+            *("--max-num-seqs", str(SMOLLM2_MAX_NUM_SEQS)),
+            *("--max-num-batched-tokens", str(SMOLLM2_MAX_NUM_SEQS * SMOLLM2_CONTEXT)),
+        ],
         log_dir=Path(tmp_path_factory.mktemp("smollm2-logs")),
     )
     with LocalCluster(spec).serving(timeout=300) as cluster:
