@@ -9,6 +9,7 @@ The counts are the router's own, so they hold for any topology.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,15 +183,18 @@ class Ledger:
         return -(-(entry.prompt_tokens + entry.budget) // self._block_size)
 
     def _fill_slots(self, rank: int, now: float) -> None:
-        """Gives free slots to the oldest requests waiting for one."""
-        counts, free = self._counts[rank], self.slots(rank) - self._counts[rank].running
-        for entry in self._entries[rank].values():
-            if free <= 0:
-                return
-            if not entry.slot_at:
-                entry.slot_at = now
-                counts.running += 1
-                free -= 1
+        """Gives free slots to the oldest requests waiting for one. Slots go
+        oldest first, so those waiting are the newest entries: they are
+        found from the end, not by a walk past every running one."""
+        counts = self._counts[rank]
+        waiting = counts.in_flight - counts.running
+        free = min(self.slots(rank) - counts.running, waiting)
+        if free <= 0:
+            return
+        newest_first = list(itertools.islice(reversed(self._entries[rank].values()), waiting))
+        for entry in newest_first[-free:]:
+            entry.slot_at = now
+        counts.running += free
 
     def version(self, rank: int) -> int:
         """Changes whenever a request comes to or leaves the rank."""

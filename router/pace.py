@@ -58,8 +58,9 @@ class Pace:
         return max(estimate, FLOOR_SHARE * min(seconds for _, seconds in points))
 
     def first_token_s(self, prompt_tokens: int, running: int) -> float | None:
-        itl = self.itl_at(running)
-        return None if itl is None else self._first_token_s(prompt_tokens, itl)
+        if self.prefill_tps is not None:
+            return prompt_tokens / self.prefill_tps
+        return self.itl_at(running)
 
     def _first_token_s(self, prompt_tokens: int, itl: float) -> float:
         return prompt_tokens / self.prefill_tps if self.prefill_tps is not None else itl
